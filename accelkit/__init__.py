@@ -1,0 +1,59 @@
+"""accelkit: compile ONNX models through Apache TVM into fast executables for the hardware you have.
+
+    model = accelkit.compile("resnet50.onnx")          # backend="cpu", precision="fp32"
+    outputs = model.run({"input": x})                  # list of numpy arrays
+    model.save("resnet50.akx"); model = accelkit.load("resnet50.akx")
+
+Heavy dependencies (tvm, onnx) load on first use, so `import accelkit` is fast.
+"""
+from accelkit.backends.base import Backend, CompileOptions, KernelPattern, TVMBackend
+from accelkit.backends.registry import get_backend, list_backends, register_backend
+from accelkit.errors import (
+    AccelkitError,
+    ArtifactError,
+    BackendError,
+    CompileError,
+    FeedError,
+    InputShapeError,
+    ModelLoadError,
+    OptionError,
+    UnsupportedModelError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "compile", "load", "CompiledModel", "list_backends", "get_backend", "register_backend",
+    "Backend", "TVMBackend", "KernelPattern", "CompileOptions",
+    "AccelkitError", "ArtifactError", "BackendError", "CompileError", "FeedError",
+    "InputShapeError", "ModelLoadError", "OptionError", "UnsupportedModelError", "__version__",
+]
+
+
+def compile(model, *, backend="cpu", precision="fp32", input_shapes=None, cache=True,  # noqa: A001
+            tune=None, **options):
+    """Compile an ONNX model (path, bytes or onnx.ModelProto) into a CompiledModel.
+
+    backend: a name from list_backends(); precision: "fp32" (fp16/bf16/int8 to come);
+    input_shapes: sizes for symbolic input dims, e.g. {"input_ids": [1, 128]};
+    options: backend-specific compile options (see `accelkit backends`).
+    """
+    from accelkit.compiler import compile_model
+
+    return compile_model(model, backend=backend, precision=precision, input_shapes=input_shapes,
+                         cache=cache, tune=tune, **options)
+
+
+def load(path):
+    """Load a .akx artifact written by CompiledModel.save (verified before any code loads)."""
+    from accelkit.artifact import load as _load
+
+    return _load(path)
+
+
+def __getattr__(name):
+    if name == "CompiledModel":
+        from accelkit.model import CompiledModel
+
+        return CompiledModel
+    raise AttributeError(f"module 'accelkit' has no attribute {name!r}")

@@ -1,0 +1,6 @@
+"""Backends: the contract (base), the registry, and the built-in `cpu` and `reference`."""
+from accelkit.backends.base import Backend, CompileOptions, KernelPattern, TVMBackend
+from accelkit.backends.registry import get_backend, list_backends, register_backend
+
+__all__ = ["Backend", "TVMBackend", "KernelPattern", "CompileOptions",
+           "get_backend", "list_backends", "register_backend"]

@@ -1,0 +1,176 @@
+"""The Backend contract a hardware vendor implements, and TVMBackend, the shared ONNX -> Relax ->
+partition -> lower -> export pipeline that a TVM-based backend gets by filling in a few methods."""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+if TYPE_CHECKING:  # heavy imports stay out of `import accelkit`
+    import numpy as np
+    import tvm
+
+    from accelkit.frontend import Graph
+
+__all__ = ["Backend", "TVMBackend", "KernelPattern", "Runner", "CompileOptions"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    """What the user asked of one compilation (validated before a backend sees it)."""
+
+    precision: str = "fp32"
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # backend-specific options
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPattern:
+    """A subgraph a backend takes into one of its own kernels.
+
+    `pattern` is a tvm.relax.dpl pattern; `args` are nodes of it whose matched expressions are
+    passed, in order, to `kernel`: a TVM-FFI global function in destination-passing style,
+    called as kernel(*args, out). `check(matches)` may refuse a match (unsupported dtype or
+    shape), which then stays with TVM-generated code.
+    """
+
+    name: str
+    pattern: Any
+    args: Sequence[Any]
+    kernel: str
+    check: Callable[[dict], bool] | None = None
+
+
+class Runner(Protocol):
+    """A loaded executable: numpy inputs in graph input order -> outputs in graph output order."""
+
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]: ...
+
+
+class Backend(abc.ABC):
+    """One backend = one class. `compile` writes the executable's files into a directory and
+    returns manifest entries; `load` turns such a directory back into a Runner. Both sides of
+    save/load go through these two methods, so a saved artifact runs exactly what compile built."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+    options: ClassVar[dict[str, str]] = {}  # backend-specific compile options: name -> help
+
+    def is_available(self) -> bool:
+        """Whether the device/driver this backend needs is present."""
+        return True
+
+    def fingerprint(self) -> str:
+        """Versions of everything that changes the generated code (part of the cache key)."""
+        return self.name
+
+    @abc.abstractmethod
+    def compile(self, graph: Graph, options: CompileOptions, out_dir: str) -> dict[str, Any]:
+        """Build `graph` into files under `out_dir`; return manifest entries (JSON-able)."""
+
+    @abc.abstractmethod
+    def load(self, directory: str, manifest: dict[str, Any]) -> Runner:
+        """Load what `compile` wrote into `directory` (files already verified)."""
+
+    def check_artifact(self, manifest: dict[str, Any]) -> str | None:
+        """Why an artifact built by this backend cannot run here (None when it can)."""
+        return None
+
+
+class TVMBackend(Backend):
+    """A backend that compiles through TVM Relax: patterns go to the backend's kernels, the rest
+    is lowered by TVM for `target()`. A vendor overrides target/patterns/load_kernels (and
+    passes, for its own schedules)."""
+
+    library_name: ClassVar[str] = "model.so"
+
+    @abc.abstractmethod
+    def target(self, options: CompileOptions) -> tvm.target.Target:
+        """The TVM target code is generated for."""
+
+    def device(self) -> tvm.runtime.Device:
+        import tvm
+
+        return tvm.cpu(0)
+
+    def patterns(self) -> list[KernelPattern]:
+        """Subgraphs this backend runs in its own kernels (tried in order)."""
+        return []
+
+    def load_kernels(self) -> None:
+        """Register this backend's kernels (TVM-FFI global functions) in the current process."""
+
+    def passes(self, target: tvm.target.Target) -> list[tvm.transform.Pass]:
+        """Relax passes lowering what the patterns left to TVM-generated code."""
+        from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+        return (
+            cpu_generic.library_dispatch_passes(target)
+            + cpu_generic.legalize_passes(target)
+            + cpu_generic.dataflow_lower_passes(target)
+            + cpu_generic.finalize_passes(target)
+        )
+
+    def fingerprint(self) -> str:
+        import tvm
+        import tvm_ffi
+
+        return f"{self.name};tvm={tvm.__version__};tvm_ffi={tvm_ffi.__version__}"
+
+    def compile(self, graph: Graph, options: CompileOptions, out_dir: str) -> dict[str, Any]:
+        import tvm
+        from tvm import relax
+
+        from accelkit import frontend
+        from accelkit.errors import CompileError
+        from accelkit.partition import offload
+
+        target = self.target(options)
+        mod = frontend.to_relax(graph)
+        mod, offloaded = offload(mod, self.patterns())
+        self.load_kernels()  # the exported library is loaded and checked below
+        try:
+            with target:
+                mod = tvm.transform.Sequential(self.passes(target))(mod)
+            executable = relax.build(mod, target, relax_pipeline=None, exec_mode="compiled")
+            executable.export_library(os.path.join(out_dir, self.library_name))
+        except Exception as exc:  # TVM raises many types; keep its reason
+            raise CompileError(
+                f"backend '{self.name}' failed to compile the model for {target}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        return {"target": str(target), "target_config": _target_config(target),
+                "offloaded": offloaded, "library": self.library_name}
+
+    def load(self, directory: str, manifest: dict[str, Any]) -> Runner:
+        import tvm
+        from tvm import relax
+
+        self.load_kernels()
+        lib = tvm.runtime.load_module(os.path.join(directory, manifest["library"]))
+        return _VMRunner(relax.VirtualMachine(lib, self.device()), self.device())
+
+
+def _target_config(target) -> dict[str, Any]:
+    """The target as plain JSON (kind + attributes)."""
+    config = {"kind": target.kind.name}
+    for key, value in target.attrs.items():
+        config[str(key)] = value if isinstance(value, int | float | str) else str(value)
+    return config
+
+
+class _VMRunner:
+    def __init__(self, vm, device):
+        self._main = vm["main"]
+        self._device = device
+
+    def run(self, inputs):
+        import tvm
+
+        args = [tvm.runtime.tensor(x, self._device) for x in inputs]
+        result = self._main(*args)
+        if isinstance(result, tvm.runtime.Tensor):
+            return [result.numpy()]
+        return [r.numpy() for r in result]
