@@ -1,0 +1,225 @@
+"""The `accelkit` command line: compile, run, info, backends, demo.
+
+Imports nothing heavy at module level, so `accelkit --help` answers at once. An AccelkitError
+(bad input) prints one line and exits 2; --debug shows the traceback."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="accelkit",
+        description="Compile ONNX models through Apache TVM into fast executables for this machine.",
+    )
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("compile", help="compile an ONNX model into an .akx artifact")
+    c.add_argument("model", help="ONNX model file")
+    c.add_argument("-o", "--output", help="artifact path (default: MODEL with .akx)")
+    _compile_args(c)
+
+    r = sub.add_parser("run", help="run a model (.akx, or .onnx compiled on the fly) on inputs")
+    r.add_argument("model", help=".akx artifact or ONNX model")
+    r.add_argument("-i", "--input", action="append", default=[], metavar="NAME=FILE.npy",
+                   help="one input from a .npy file (repeatable)")
+    r.add_argument("--inputs", metavar="FILE.npz", help="all inputs from an .npz (keys = names)")
+    r.add_argument("--random", action="store_true", help="feed random inputs of the right shape")
+    r.add_argument("-o", "--output", metavar="FILE.npz", help="write outputs here (else a summary)")
+    _compile_args(r)
+
+    i = sub.add_parser("info", help="show what an .akx artifact holds")
+    i.add_argument("artifact")
+
+    sub.add_parser("backends", help="list backends (built-in and installed plugins)")
+
+    d = sub.add_parser("demo", help="compile and run the bundled example model, check it")
+    d.add_argument("--backend", default="cpu")
+    return p
+
+
+def _compile_args(p):
+    p.add_argument("--backend", default="cpu", help="backend name (see `accelkit backends`)")
+    p.add_argument("--precision", default="fp32", help="fp32 (fp16, bf16, int8 to come)")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
+                   help="size for an input with symbolic dims, e.g. input_ids=1,128 (repeatable)")
+
+
+def _input_shapes(items):
+    from accelkit.errors import OptionError
+
+    shapes = {}
+    for item in items:
+        name, sep, dims = item.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shapes[name] = [int(d) for d in dims.split(",")]
+        except ValueError:
+            raise OptionError(f"--input-shape {item!r}: expected NAME=D0,D1,... "
+                              f"e.g. input_ids=1,128") from None
+    return shapes or None
+
+
+def _compile(args):
+    import accelkit
+
+    return accelkit.compile(args.model, backend=args.backend, precision=args.precision,
+                            input_shapes=_input_shapes(args.input_shape))
+
+
+def _fmt_specs(specs):
+    return ", ".join(f"{s.name}: {s.dtype}{list(s.shape)}" for s in specs)
+
+
+def cmd_compile(args):
+    start = time.perf_counter()
+    model = _compile(args)
+    elapsed = time.perf_counter() - start
+    out = args.output or os.path.splitext(args.model)[0] + ".akx"
+    model.save(out)
+    print(f"compiled {args.model} in {elapsed:.1f} s -> {out}")
+    _print_summary(model.manifest)
+
+
+def _print_summary(m):
+    print(f"  backend:   {m['backend']}  precision: {m['precision']}")
+    print(f"  target:    {m.get('target')}")
+    print(f"  inputs:    {', '.join(_spec_str(s) for s in m['inputs'])}")
+    print(f"  outputs:   {', '.join(_spec_str(s) for s in m['outputs'])}")
+    if m.get("offloaded") is not None:
+        kernels = ", ".join(f"{k} x{v}" for k, v in sorted(m["offloaded"].items())) or "none"
+        print(f"  offloaded: {kernels}")
+
+
+def _spec_str(s):
+    return f"{s['name']}: {s['dtype']}{s['shape']}"
+
+
+def _load_or_compile(args):
+    import accelkit
+
+    if args.model.endswith(".akx"):
+        return accelkit.load(args.model)
+    return _compile(args)
+
+
+def _read_feeds(args, model):
+    import numpy as np
+
+    from accelkit.errors import FeedError
+
+    feeds = {}
+    if args.inputs:
+        try:
+            with np.load(args.inputs) as data:
+                feeds.update({k: data[k] for k in data.files})
+        except (OSError, ValueError) as exc:
+            raise FeedError(f"cannot read --inputs {args.inputs!r}: {exc}") from exc
+    for item in args.input:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise FeedError(f"--input {item!r}: expected NAME=FILE.npy")
+        try:
+            feeds[name] = np.load(path)
+        except (OSError, ValueError) as exc:
+            raise FeedError(f"cannot read input '{name}' from {path!r}: {exc}") from exc
+    if args.random:
+        rng = np.random.default_rng(0)
+        for spec in model.inputs:
+            if spec.name not in feeds:
+                kind = np.dtype(spec.dtype).kind
+                feeds[spec.name] = (rng.standard_normal(spec.shape).astype(spec.dtype)
+                                    if kind == "f" else np.zeros(spec.shape, spec.dtype))
+    return feeds
+
+
+def cmd_run(args):
+    import numpy as np
+
+    model = _load_or_compile(args)
+    feeds = _read_feeds(args, model)
+    start = time.perf_counter()
+    outputs = model.run(feeds)
+    elapsed = time.perf_counter() - start
+    if args.output:
+        np.savez(args.output, **{s.name: o for s, o in zip(model.outputs, outputs)})
+        print(f"wrote {len(outputs)} output(s) to {args.output} ({elapsed * 1e3:.2f} ms)")
+        return
+    print(f"ran in {elapsed * 1e3:.2f} ms")
+    for spec, out in zip(model.outputs, outputs):
+        flat = out.reshape(-1)
+        head = np.array2string(flat[:6], precision=4, separator=", ")
+        stats = (f" min {flat.min():.4g} max {flat.max():.4g} mean {flat.mean():.4g}"
+                 if flat.size and out.dtype.kind in "fiu" else "")
+        print(f"  {spec.name}: {out.dtype}{list(out.shape)}{stats} first {head}")
+
+
+def cmd_info(args):
+    from accelkit.artifact import read_manifest
+
+    m = read_manifest(args.artifact)
+    print(f"{args.artifact}: model '{m.get('model_name')}', created {m.get('created')}")
+    _print_summary(m)
+    print(f"  versions:  " + ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items())))
+    print(f"  files:     " + ", ".join(f"{n} (sha256 {h[:12]})" for n, h in m["files"].items()))
+
+
+def cmd_backends(args):
+    from accelkit.backends import get_backend, list_backends
+    from accelkit.errors import AccelkitError
+
+    for name in list_backends():
+        try:
+            be = get_backend(name)
+            state = "available" if be.is_available() else "unavailable"
+            desc = be.description
+            where = type(be).__module__
+        except AccelkitError as exc:
+            state, desc, where = "broken", str(exc), ""
+        print(f"{name:12s} {state:12s} {desc}" + (f"  [{where}]" if where else ""))
+
+
+def cmd_demo(args):
+    from accelkit.demo import run_demo
+
+    return run_demo(backend=args.backend)
+
+
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "info": cmd_info, "backends": cmd_backends,
+            "demo": cmd_demo}
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    from accelkit.errors import AccelkitError
+
+    try:
+        return COMMANDS[args.command](args) or 0
+    except AccelkitError as exc:
+        if args.debug:
+            raise
+        print(f"accelkit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: say so, keep the trace for --debug
+        if args.debug:
+            raise
+        print(f"accelkit {args.command}: internal error: {type(exc).__name__}: {exc}\n"
+              f"(this is a bug in accelkit; rerun with --debug for the traceback and report it)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Shared test helpers: small ONNX graphs built with onnx.helper, and comparison helpers."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+
+def relative_l2(actual, expected) -> float:
+    expected = np.asarray(expected, dtype=np.float64)
+    return float(np.linalg.norm(np.asarray(actual, dtype=np.float64) - expected)
+                 / max(np.linalg.norm(expected), 1e-30))
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset=17, name="test", domains=()):
+    graph = helper.make_graph(nodes, name, inputs, outputs, list(initializers))
+    opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in domains]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def mlp_model(batch=8, dims=(32, 64, 16), seed=0, last="Softmax"):
+    """MatMul+Add+Relu, then MatMul+Add (bias first) and a `last` op TVM generates."""
+    rng = np.random.default_rng(seed)
+    d0, d1, d2 = dims
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((d0, d1)) * 0.2).astype("float32"), "W1"),
+        numpy_helper.from_array(rng.standard_normal(d1).astype("float32"), "b1"),
+        numpy_helper.from_array((rng.standard_normal((d1, d2)) * 0.2).astype("float32"), "W2"),
+        numpy_helper.from_array(rng.standard_normal(d2).astype("float32"), "b2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["m1"], name="fc1"),
+        helper.make_node("Add", ["m1", "b1"], ["a1"], name="fc1_bias"),
+        helper.make_node("Relu", ["a1"], ["h1"], name="fc1_relu"),
+        helper.make_node("MatMul", ["h1", "W2"], ["m2"], name="fc2"),
+        helper.make_node("Add", ["b2", "m2"], ["a2"], name="fc2_bias"),
+        helper.make_node(last, ["a2"], ["y"], name="head"),
+    ]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, d0])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, d2])], inits,
+                      name="mlp")
+
+
+def conv_model(seed=1):
+    """Conv+Relu+GlobalAveragePool+Flatten+Gemm, plus a second output (two outputs, in order)."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype("float32"), "Wc"),
+        numpy_helper.from_array(rng.standard_normal(8).astype("float32"), "bc"),
+        numpy_helper.from_array((rng.standard_normal((4, 8)) * 0.3).astype("float32"), "Wg"),
+        numpy_helper.from_array(rng.standard_normal(4).astype("float32"), "bg"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["img", "Wc", "bc"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "Wg", "bg"], ["logits"], transB=1),
+        helper.make_node("ReduceMax", ["r"], ["peak"], keepdims=0),
+    ]
+    return make_model(
+        nodes, [helper.make_tensor_value_info("img", TensorProto.FLOAT, [2, 3, 12, 12])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 4]),
+         helper.make_tensor_value_info("peak", TensorProto.FLOAT, [])], inits, name="conv")
+
+
+def random_feeds(model, seed=0):
+    rng = np.random.default_rng(seed)
+    return {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in model.inputs}
+
+
+@pytest.fixture(scope="session")
+def mlp_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "mlp.onnx"
+    onnx.save(mlp_model(), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def mlp_compiled(mlp_path):
+    import accelkit
+
+    return accelkit.compile(mlp_path)
+
+
+@pytest.fixture(scope="session")
+def mlp_akx(mlp_compiled, tmp_path_factory):
+    return mlp_compiled.save(str(tmp_path_factory.mktemp("artifacts") / "mlp.akx"))

@@ -1,0 +1,122 @@
+"""compile -> run -> save -> load, against the reference backend and onnxruntime."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+import accelkit
+from conftest import conv_model, mlp_model, random_feeds, relative_l2
+
+
+def test_cpu_matches_reference_and_offloads_dense(mlp_compiled, mlp_path):
+    feeds = random_feeds(mlp_compiled)
+    out = mlp_compiled.run(feeds)
+    ref = accelkit.compile(mlp_path, backend="reference").run(feeds)
+    assert len(out) == 1 and out[0].shape == (8, 16) and out[0].dtype == np.float32
+    assert relative_l2(out[0], ref[0]) < 1e-5
+    # fc1 (MatMul+Add+Relu) and fc2 (bias-first Add) both went to the C kernels
+    assert mlp_compiled.manifest["offloaded"] == {"cpu.dense_bias_relu": 1, "cpu.dense_bias": 1}
+
+
+def test_cpu_matches_onnxruntime():
+    ort = pytest.importorskip("onnxruntime")
+    proto = conv_model()
+    model = accelkit.compile(proto)
+    feeds = random_feeds(model)
+    out = model.run(feeds)
+    expected = ort.InferenceSession(proto.SerializeToString()).run(None, feeds)
+    assert [o.shape for o in out] == [(2, 4), ()]
+    for got, want in zip(out, expected):
+        assert relative_l2(got, want) < 1e-5
+
+
+def test_inputs_and_outputs_describe_the_graph(mlp_compiled):
+    assert [(s.name, s.shape, s.dtype) for s in mlp_compiled.inputs] == [("x", (8, 32), "float32")]
+    assert [(s.name, s.shape, s.dtype) for s in mlp_compiled.outputs] == [("y", (8, 16), "float32")]
+    assert mlp_compiled.backend == "cpu" and mlp_compiled.precision == "fp32"
+
+
+@pytest.mark.parametrize("form", ["bytes", "proto"])
+def test_model_given_as_bytes_or_proto(form):
+    proto = mlp_model(seed=3)
+    model = accelkit.compile(proto.SerializeToString() if form == "bytes" else proto,
+                             backend="reference")
+    feeds = random_feeds(model)
+    w1, b1, w2, b2 = (onnx.numpy_helper.to_array(t) for t in proto.graph.initializer)
+    logits = np.maximum(feeds["x"] @ w1 + b1, 0) @ w2 + b2
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    assert relative_l2(model.run(feeds)[0], expected) < 1e-5
+
+
+def test_save_load_roundtrip_same_outputs(mlp_compiled, mlp_akx):
+    feeds = random_feeds(mlp_compiled, seed=5)
+    loaded = accelkit.load(mlp_akx)
+    assert np.array_equal(loaded.run(feeds)[0], mlp_compiled.run(feeds)[0])
+    assert loaded.manifest["files"] == mlp_compiled.manifest["files"]
+    assert loaded.inputs == mlp_compiled.inputs
+
+
+def test_artifact_runs_in_fresh_process(mlp_compiled, mlp_akx, tmp_path):
+    feeds = random_feeds(mlp_compiled, seed=7)
+    np.save(tmp_path / "x.npy", feeds["x"])
+    code = ("import sys, numpy as np, accelkit; m = accelkit.load(sys.argv[1]); "
+            "np.save(sys.argv[3], m.run({'x': np.load(sys.argv[2])})[0])")
+    subprocess.run([sys.executable, "-c", code, mlp_akx, str(tmp_path / "x.npy"),
+                    str(tmp_path / "y.npy")], check=True, timeout=300)
+    assert np.array_equal(np.load(tmp_path / "y.npy"), mlp_compiled.run(feeds)[0])
+
+
+def test_portable_kernels_match(mlp_path, tmp_path):
+    """ACCELKIT_PORTABLE_KERNELS=1 forces the non-AVX kernel path; results stay correct."""
+    code = ("import sys, numpy as np, onnx, accelkit; from accelkit import kernels; "
+            "m = accelkit.compile(sys.argv[1]); assert kernels.load().portable(); "
+            "x = np.random.default_rng(0).standard_normal((8, 32)).astype('float32'); "
+            "r = accelkit.compile(sys.argv[1], backend='reference').run({'x': x})[0]; "
+            "y = m.run({'x': x})[0]; "
+            "print(float(np.linalg.norm(y - r) / np.linalg.norm(r)), m.manifest['offloaded'])")
+    env = dict(os.environ, ACCELKIT_PORTABLE_KERNELS="1")
+    done = subprocess.run([sys.executable, "-c", code, mlp_path], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    error, offloaded = done.stdout.split(" ", 1)
+    assert float(error) < 1e-5 and "cpu.dense_bias_relu" in offloaded
+
+
+def test_kernel_rejects_bad_tensors_with_clear_error():
+    import tvm
+    import tvm_ffi
+
+    from accelkit import kernels
+
+    kernels.load()
+    dense = tvm_ffi.get_global_func("accelkit.cpu.dense_bias_relu")
+    t = lambda a: tvm.runtime.tensor(np.ascontiguousarray(a))  # noqa: E731
+    x, w, b = np.ones((4, 3), "float32"), np.ones((3, 5), "float32"), np.ones(5, "float32")
+    out = t(np.zeros((4, 5), "float32"))
+    dense(t(x), t(w), t(b), out)
+    assert np.allclose(out.numpy(), 4.0)
+    with pytest.raises(Exception, match="x has K=3 but w has 4 rows"):
+        dense(t(x), t(np.ones((4, 5), "float32")), t(b), out)
+    with pytest.raises(Exception, match="must be float32"):
+        dense(t(x.astype("float64")), t(w), t(b), out)
+    with pytest.raises(Exception, match="must have rank 2"):
+        dense(t(x.reshape(-1)), t(w), t(b), out)
+    with pytest.raises(Exception, match="out must be"):
+        dense(t(x), t(w), t(b), t(np.zeros((5, 4), "float32")))
+    with pytest.raises(Exception, match="expected 4 arguments"):
+        dense(t(x), t(w), t(b))
+
+
+def test_symbolic_batch_compiled_for_given_shape(tmp_path):
+    proto = mlp_model()
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    model = accelkit.compile(proto, input_shapes={"x": [3, 32]})
+    assert model.inputs[0].shape == (3, 32) and model.outputs[0].shape == (3, 16)
+    feeds = random_feeds(model)
+    ref = accelkit.compile(proto, backend="reference", input_shapes={"x": [3, 32]}).run(feeds)
+    assert relative_l2(model.run(feeds)[0], ref[0]) < 1e-5
