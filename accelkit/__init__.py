@@ -6,7 +6,14 @@
 
 Heavy dependencies (tvm, onnx) load on first use, so `import accelkit` is fast.
 """
-from accelkit.backends.base import Backend, CompileOptions, KernelPattern, TVMBackend
+from accelkit.backends.base import (
+    Backend,
+    CompileOptions,
+    KernelPattern,
+    TVMBackend,
+    host_target,
+    tensor_type,
+)
 from accelkit.backends.registry import get_backend, list_backends, register_backend
 from accelkit.errors import (
     AccelkitError,
@@ -24,7 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "compile", "load", "CompiledModel", "list_backends", "get_backend", "register_backend",
-    "Backend", "TVMBackend", "KernelPattern", "CompileOptions",
+    "Backend", "TVMBackend", "KernelPattern", "CompileOptions", "host_target", "tensor_type",
     "AccelkitError", "ArtifactError", "BackendError", "CompileError", "FeedError",
     "InputShapeError", "ModelLoadError", "OptionError", "UnsupportedModelError", "__version__",
 ]

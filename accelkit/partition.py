@@ -30,13 +30,3 @@ def offload(mod, patterns: Sequence) -> tuple[object, dict[str, int]]:
         mod[gvar] = func
     return mod, dict(counts)
 
-
-def tensor_type(expr):
-    """(dtype, shape tuple or None) of a matched Relax expression, for KernelPattern.check."""
-    ty = expr.ty
-    shape = getattr(ty, "shape", None)
-    try:
-        dims = tuple(int(d) for d in shape) if shape is not None else None
-    except TypeError:  # symbolic dims
-        dims = None
-    return getattr(ty, "dtype", None), dims

@@ -144,7 +144,7 @@ def test_symbolic_dim_without_size(files):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not_zip", "no_manifest", "garbage_manifest",
-                                    "bit_flip", "wrong_tvm"])
+                                    "bit_flip", "wrong_tvm", "other_cpu"])
 def test_damaged_artifacts_refused(mlp_akx, tmp_path, damage):
     path = tmp_path / f"{damage}.akx"
     data = open(mlp_akx, "rb").read()
@@ -163,6 +163,8 @@ def test_damaged_artifacts_refused(mlp_akx, tmp_path, damage):
                         content = b"{not json"
                     if damage == "wrong_tvm":
                         content = content.replace(b'"tvm": "', b'"tvm": "0.1-')
+                    if damage == "other_cpu":  # built on a machine with another CPU model
+                        content = content.replace(b'"mcpu": "', b'"mcpu": "other-')
                 elif damage == "bit_flip":
                     content = bytearray(content)
                     content[len(content) // 2] ^= 0x10
@@ -171,7 +173,7 @@ def test_damaged_artifacts_refused(mlp_akx, tmp_path, damage):
     with pytest.raises(accelkit.ArtifactError, match=f"{damage}.akx"):
         accelkit.load(str(path))
     # `info` reads only the manifest (it shows what an artifact was built with); `run` loads it
-    command = "run" if damage in ("bit_flip", "wrong_tvm") else "info"
+    command = "run" if damage in ("bit_flip", "wrong_tvm", "other_cpu") else "info"
     assert_clean_failure(cli(command, str(path)), f"{damage}.akx")
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import os
+import platform
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -14,7 +16,42 @@ if TYPE_CHECKING:  # heavy imports stay out of `import accelkit`
 
     from accelkit.frontend import Graph
 
-__all__ = ["Backend", "TVMBackend", "KernelPattern", "Runner", "CompileOptions"]
+__all__ = ["Backend", "TVMBackend", "KernelPattern", "Runner", "CompileOptions", "host_cpu",
+           "host_target", "tensor_type"]
+
+_TRIPLES = {"x86_64": "x86_64-linux-gnu", "amd64": "x86_64-linux-gnu",
+            "aarch64": "aarch64-linux-gnu", "arm64": "aarch64-linux-gnu"}
+
+
+@functools.cache
+def host_cpu() -> str:
+    """LLVM's name for this CPU (e.g. 'znver4'). `mcpu=native` is not used: with the TVM wheel's
+    default triple it silently means 'generic' (no AVX-512)."""
+    import tvm
+
+    return str(tvm.target.codegen.llvm_get_system_cpu())
+
+
+def host_target(num_cores: int | None = None):
+    """The TVM llvm target for this machine's CPU."""
+    import tvm
+
+    config = {"kind": "llvm", "mcpu": host_cpu(), "num-cores": num_cores or os.cpu_count() or 1}
+    triple = _TRIPLES.get(platform.machine().lower())
+    if triple:
+        config["mtriple"] = triple
+    return tvm.target.Target(config)
+
+
+def tensor_type(expr) -> tuple[str | None, tuple[int, ...] | None]:
+    """(dtype, static shape or None) of a matched Relax expression, for KernelPattern.check."""
+    ty = expr.ty
+    shape = getattr(ty, "shape", None)
+    try:
+        dims = tuple(int(d) for d in shape) if shape is not None else None
+    except TypeError:  # symbolic dims
+        dims = None
+    return getattr(ty, "dtype", None), dims
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +154,18 @@ class TVMBackend(Backend):
         import tvm
         import tvm_ffi
 
-        return f"{self.name};tvm={tvm.__version__};tvm_ffi={tvm_ffi.__version__}"
+        target = self.target(CompileOptions())
+        return f"{self.name};tvm={tvm.__version__};tvm_ffi={tvm_ffi.__version__};target={target}"
+
+    def check_artifact(self, manifest: dict[str, Any]) -> str | None:
+        # generated code is specialised to the target (CPU model, ISA): only run it on that target
+        here = _target_config(self.target(CompileOptions()))
+        built = manifest.get("target_config", {})
+        for key in ("kind", "mtriple", "mcpu", "mattr"):
+            if built.get(key) != here.get(key):
+                return (f"it was compiled for target {key}={built.get(key)!r} but this machine "
+                        f"needs {key}={here.get(key)!r} (its code may not run here)")
+        return None
 
     def compile(self, graph: Graph, options: CompileOptions, out_dir: str) -> dict[str, Any]:
         import tvm
@@ -130,7 +178,6 @@ class TVMBackend(Backend):
         target = self.target(options)
         mod = frontend.to_relax(graph)
         mod, offloaded = offload(mod, self.patterns())
-        self.load_kernels()  # the exported library is loaded and checked below
         try:
             with target:
                 mod = tvm.transform.Sequential(self.passes(target))(mod)

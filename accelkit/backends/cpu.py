@@ -2,41 +2,18 @@
 to accelkit's C kernels (accelkit._kernels)."""
 from __future__ import annotations
 
-import functools
-import os
-import platform
-
-from accelkit.backends.base import CompileOptions, KernelPattern, TVMBackend
-
-_TRIPLES = {"x86_64": "x86_64-linux-gnu", "amd64": "x86_64-linux-gnu",
-            "aarch64": "aarch64-linux-gnu", "arm64": "aarch64-linux-gnu"}
-
-
-@functools.cache
-def host_cpu() -> str:
-    """LLVM's name for this CPU (e.g. 'znver4'). `mcpu=native` is not used: with the wheel's
-    default triple it silently means 'generic' (no AVX-512)."""
-    import tvm
-
-    return str(tvm.target.codegen.llvm_get_system_cpu())
-
-
-def host_target(num_cores: int | None = None):
-    import tvm
-
-    machine = platform.machine().lower()
-    triple = _TRIPLES.get(machine)
-    config = {"kind": "llvm", "mcpu": host_cpu(), "num-cores": num_cores or os.cpu_count() or 1}
-    if triple:
-        config["mtriple"] = triple
-    return tvm.target.Target(config)
+from accelkit.backends.base import (
+    CompileOptions,
+    KernelPattern,
+    TVMBackend,
+    host_target,
+    tensor_type,
+)
 
 
 def dense_patterns(prefix: str, kernel_prefix: str) -> list[KernelPattern]:
     """matmul(x, W) + b [-> relu] with 2-D float32 x, constant 2-D W and 1-D b."""
     from tvm.relax.dpl import is_const, is_op, wildcard
-
-    from accelkit.partition import tensor_type
 
     def check(x, w, b):
         def ok(matches):
@@ -77,11 +54,4 @@ class CPUBackend(TVMBackend):
     def fingerprint(self) -> str:
         from accelkit import __version__
 
-        return f"{super().fingerprint()};kernels={__version__};cpu={host_cpu()}"
-
-    def check_artifact(self, manifest):
-        built_for = manifest.get("target_config", {}).get("mcpu")
-        if built_for and built_for != host_cpu():
-            return (f"it was compiled for CPU '{built_for}' but this machine's CPU is "
-                    f"'{host_cpu()}' (its code may use instructions this CPU lacks)")
-        return None
+        return f"{super().fingerprint()};kernels={__version__}"

@@ -37,7 +37,7 @@ def _discover() -> None:
 
 
 def _load_lazy(name: str) -> type:
-    target = _lazy.pop(name)
+    target = _lazy[name]  # kept until it loads, so a second lookup repeats the real cause
     try:
         if isinstance(target, str):
             import importlib
@@ -57,6 +57,7 @@ def _load_lazy(name: str) -> type:
             f"entry point '{name}' in group '{ENTRY_POINT_GROUP}' loads {cls!r}, whose name is "
             f"{getattr(cls, 'name', None)!r}; the entry point name and Backend.name must match"
         )
+    _lazy.pop(name)
     return register_backend(cls)
 
 
@@ -78,10 +79,13 @@ def register_backend(cls: type, *, override: bool = False) -> type:
     with _lock:
         _discover()
         existing = _classes.get(name)
-        if existing is not None and existing is not cls and not override:
+        pending = _lazy.get(name)  # built-in or installed plugin, not imported yet
+        if not override and ((existing is not None and existing is not cls) or pending):
+            by = (f"{existing.__module__}.{existing.__qualname__}" if existing is not None
+                  else pending if isinstance(pending, str) else f"entry point {pending.value!r}")
             raise BackendError(
-                f"backend '{name}' is already registered by {existing.__module__}."
-                f"{existing.__qualname__}; pass override=True to replace it"
+                f"backend '{name}' is already registered by {by}; pass override=True to "
+                f"replace it"
             )
         _lazy.pop(name, None)
         _classes[name] = cls
