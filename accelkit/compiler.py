@@ -32,6 +32,7 @@ def compile_model(
     options: backend-specific options (Backend.options lists them).
     """
     from accelkit import artifact, frontend
+    from accelkit.guards import index_bounds
     from accelkit.backends import CompileOptions, get_backend
     from accelkit.model import CompiledModel
 
@@ -71,6 +72,7 @@ def compile_model(
             "model_name": graph.proto.graph.name or "model",
             "inputs": [_spec(s) for s in graph.inputs],
             "outputs": [_spec(s) for s in graph.outputs],
+            "index_bounds": index_bounds(graph.proto),
             "versions": artifact.versions(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "files": files,

@@ -22,6 +22,7 @@ class CompiledModel:
         self.manifest = manifest
         self.inputs = [TensorSpec(d["name"], tuple(d["shape"]), d["dtype"]) for d in manifest["inputs"]]
         self.outputs = [TensorSpec(d["name"], tuple(d["shape"]), d["dtype"]) for d in manifest["outputs"]]
+        self._index_bounds = manifest.get("index_bounds", {})
         self._runner = backend.load(directory, manifest)
         if owns_directory:
             # the loaded library stays mapped until the process exits; the files can go with us
@@ -70,6 +71,16 @@ class CompiledModel:
                     f"the model was compiled for that shape (pass input_shapes= to compile to "
                     f"build it for another)"
                 )
+            bound = self._index_bounds.get(spec.name)
+            if bound is not None and array.size:
+                low, high = int(array.min()), int(array.max())
+                if low < -bound or high >= bound:
+                    bad = low if low < -bound else high
+                    raise FeedError(
+                        f"input '{spec.name}' holds {bad}, but its values index an axis of size "
+                        f"{bound} in the model (valid: {-bound} .. {bound - 1}); e.g. a token id "
+                        f"outside the vocabulary"
+                    )
             arrays.append(np.ascontiguousarray(array))
         return arrays
 

@@ -120,3 +120,44 @@ def test_symbolic_batch_compiled_for_given_shape(tmp_path):
     feeds = random_feeds(model)
     ref = accelkit.compile(proto, backend="reference", input_shapes={"x": [3, 32]}).run(feeds)
     assert relative_l2(model.run(feeds)[0], ref[0]) < 1e-5
+
+
+def embedding_model(vocab=100, dim=8):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from conftest import make_model
+
+    table = np.random.default_rng(0).standard_normal((vocab, dim)).astype("float32")
+    nodes = [helper.make_node("Cast", ["ids"], ["ids64"], to=TensorProto.INT64),
+             helper.make_node("Gather", ["table", "ids64"], ["emb"]),
+             helper.make_node("ReduceSum", ["emb", "axes"], ["y"], keepdims=0)]
+    inits = [numpy_helper.from_array(table, "table"),
+             numpy_helper.from_array(np.array([1], "int64"), "axes")]
+    return make_model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT32, [2, 5])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, dim])], inits)
+
+
+def test_out_of_range_index_input_is_refused_not_read():
+    model = accelkit.compile(embedding_model())
+    assert model.manifest["index_bounds"] == {"ids": 100}
+    ids = np.arange(10, dtype="int32").reshape(2, 5)
+    ids[1, 4] = -3  # negative indices count from the end, as in ONNX
+    table = onnx.numpy_helper.to_array(embedding_model().graph.initializer[0])
+    assert relative_l2(model.run({"ids": ids})[0], table[ids].sum(1)) < 1e-6
+    for bad in (100, -101, 2**31 - 1):
+        ids[0, 0] = bad
+        with pytest.raises(accelkit.FeedError, match=f"input 'ids' holds {bad}.*-100 .. 99"):
+            model.run({"ids": ids})
+
+
+def test_generated_gather_cannot_read_out_of_bounds(tmp_path):
+    """Even past run()'s check (runner called directly), the compiled take is clipped: no crash."""
+    path = tmp_path / "emb.akx"
+    accelkit.compile(embedding_model()).save(str(path))
+    code = ("import sys, numpy as np, accelkit; m = accelkit.load(sys.argv[1]); "
+            "ids = np.full((2, 5), 10**9, 'int32'); y = m._runner.run([ids])[0]; "
+            "print(bool(np.isfinite(y).all()))")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "True"

@@ -173,10 +173,11 @@ class TVMBackend(Backend):
 
         from accelkit import frontend
         from accelkit.errors import CompileError
+        from accelkit.guards import clip_take_indices
         from accelkit.partition import offload
 
         target = self.target(options)
-        mod = frontend.to_relax(graph)
+        mod = clip_take_indices(frontend.to_relax(graph))
         mod, offloaded = offload(mod, self.patterns())
         try:
             with target:
