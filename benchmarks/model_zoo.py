@@ -220,9 +220,12 @@ def main(argv=None) -> int:
         import json
         import platform
 
+        from accelkit.backends import host_cpu
+
         with open(args.json, "w") as f:
-            json.dump({"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-                       "cores": os.cpu_count(), "results": results}, f, indent=2)
+            json.dump({"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {host_cpu()}",
+                       "cores": os.cpu_count(), "load_average": os.getloadavg(), "results": results},
+                      f, indent=2)
     return 1 if failed else 0
 
 
