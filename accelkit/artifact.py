@@ -8,6 +8,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from typing import Any
 
 from accelkit.errors import ArtifactError
@@ -71,7 +72,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
             raw = zf.read(MANIFEST)
     except KeyError:
         raise ArtifactError(f"'{path}' has no {MANIFEST}: not an accelkit artifact") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
         raise ArtifactError(f"'{path}' is not a readable accelkit artifact (truncated or not an "
                             f".akx file: {exc}); recompile the model") from exc
     try:
@@ -126,7 +127,7 @@ def load(path: str | os.PathLike):
     except ArtifactError:
         _rmtree(directory)
         raise
-    except (KeyError, zipfile.BadZipFile, OSError, EOFError) as exc:
+    except (KeyError, zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
         _rmtree(directory)
         raise ArtifactError(f"'{path}' is damaged ({exc}); recompile the model") from exc
     return CompiledModel(backend, directory, manifest, owns_directory=True)

@@ -144,7 +144,7 @@ def test_symbolic_dim_without_size(files):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not_zip", "no_manifest", "garbage_manifest",
-                                    "bit_flip", "wrong_tvm", "other_cpu"])
+                                    "bit_flip", "raw_bit_flip", "wrong_tvm", "other_cpu"])
 def test_damaged_artifacts_refused(mlp_akx, tmp_path, damage):
     path = tmp_path / f"{damage}.akx"
     data = open(mlp_akx, "rb").read()
@@ -152,6 +152,10 @@ def test_damaged_artifacts_refused(mlp_akx, tmp_path, damage):
         path.write_bytes(data[: len(data) // 2])
     elif damage == "not_zip":
         path.write_text("hello")
+    elif damage == "raw_bit_flip":  # damage the compressed bytes themselves (zip CRC / zlib)
+        raw = bytearray(data)
+        raw[len(raw) // 2] ^= 0xFF
+        path.write_bytes(bytes(raw))
     else:
         with zipfile.ZipFile(mlp_akx) as src, zipfile.ZipFile(path, "w") as dst:
             for item in src.infolist():
@@ -173,7 +177,7 @@ def test_damaged_artifacts_refused(mlp_akx, tmp_path, damage):
     with pytest.raises(accelkit.ArtifactError, match=f"{damage}.akx"):
         accelkit.load(str(path))
     # `info` reads only the manifest (it shows what an artifact was built with); `run` loads it
-    command = "run" if damage in ("bit_flip", "wrong_tvm", "other_cpu") else "info"
+    command = "run" if damage in ("bit_flip", "raw_bit_flip", "wrong_tvm", "other_cpu") else "info"
     assert_clean_failure(cli(command, str(path)), f"{damage}.akx")
 
 

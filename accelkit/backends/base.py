@@ -211,14 +211,18 @@ def _target_config(target) -> dict[str, Any]:
 
 class _VMRunner:
     def __init__(self, vm, device):
+        import threading
+
         self._main = vm["main"]
         self._device = device
+        self._lock = threading.Lock()  # a Relax VM is not safe for concurrent calls
 
     def run(self, inputs):
         import tvm
 
         args = [tvm.runtime.tensor(x, self._device) for x in inputs]
-        result = self._main(*args)
+        with self._lock:
+            result = self._main(*args)
         if isinstance(result, tvm.runtime.Tensor):
             return [result.numpy()]
         return [r.numpy() for r in result]
