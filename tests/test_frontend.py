@@ -391,6 +391,95 @@ def test_unexpandable_rnn_is_kept_and_reported():
     assert e.value.unsupported == [("ai.onnx", "LSTM", "my_lstm")]
 
 
+def _runtime_if_model(hidden=4):
+    """silero-vad's pattern: If(flag == 1) on a run-time input, each branch a whole model with
+    Shape->Gather->Concat chains (Reshape argument), an If on a shape check, Constant weights and
+    an LSTM / GRU. Both branches use the same local names (as exporters that inline submodules do)."""
+    rng = np.random.default_rng(3)
+
+    def const(name, array):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(array, np.float32)))
+
+    def branch(kind, tag):
+        G = {"LSTM": 4, "GRU": 3}[kind]
+        check_then = helper.make_graph([helper.make_node("Identity", ["x"], ["chk_t"])], "chk_then", [], [vi("chk_t", None)])
+        check_else = helper.make_graph([helper.make_node("Neg", ["x"], ["chk_e"])], "chk_else", [], [vi("chk_e", None)])
+        nodes = [
+            const("w", rng.standard_normal((1, G * hidden, 5)) * 0.5),
+            const("r", rng.standard_normal((1, G * hidden, hidden)) * 0.5),
+            const("b", rng.standard_normal((1, 2 * G * hidden)) * 0.5),
+            helper.make_node("Shape", ["x"], ["sh"]),
+            helper.make_node("Gather", ["sh", "i1"], ["batch"], axis=0),  # scalar
+            helper.make_node("Equal", ["batch", "i2"], ["is2"]),
+            helper.make_node("If", ["is2"], ["xi"], then_branch=check_then, else_branch=check_else, name="shape_check"),
+            helper.make_node(kind, ["xi", "w", "r", "b"], ["y_all", "y_h"], hidden_size=hidden, name="rec"),
+            helper.make_node("Gather", ["sh", "i0"], ["seq"], axis=0),
+            helper.make_node("Unsqueeze", ["seq", "i0_1d"], ["seq_1d"]),
+            helper.make_node("Concat", ["seq_1d", "minus1"], ["new_shape"], axis=0),
+            helper.make_node("Reshape", ["y_all", "new_shape"], [f"out_{tag}"]),
+        ]
+        return helper.make_graph(nodes, f"{tag}_branch", [], [vi(f"out_{tag}", None)])
+
+    nodes = [helper.make_node("Equal", ["flag", "one"], ["cond"]),
+             helper.make_node("If", ["cond"], ["picked"], then_branch=branch("LSTM", "then"),
+                              else_branch=branch("GRU", "else"), name="rate_if"),
+             helper.make_node("Relu", ["picked"], ["y"])]
+    inits = [init("one", np.array(1, np.int64)), init("i0", np.array(0, np.int64)), init("i1", np.array(1, np.int64)),
+             init("i2", np.array(2, np.int64)), init("i0_1d", np.array([0], np.int64)),
+             init("minus1", np.array([-1], np.int64))]
+    return make_model(nodes, [vi("x", ["seq", 2, 5]), vi("flag", [], TensorProto.INT64)], [vi("y", ["seq", 2 * hidden])],
+                      inits, opset=14)
+
+
+def _all_nodes(graph):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                yield from _all_nodes(sub)
+
+
+def test_runtime_if_branches_are_normalised():
+    model = _runtime_if_model()
+    g = prepare(model, {"x": [3, 2, 5]})
+    ops = [n.op_type for n in _all_nodes(g.proto.graph)]
+    assert ops.count("If") == 1  # the data-dependent one stays; the shape check inside is inlined
+    branches = [a.g for a in next(n for n in g.proto.graph.node if n.op_type == "If").attribute]
+    in_branches = {n.op_type for b in branches for n in _all_nodes(b)}
+    assert not in_branches & {"LSTM", "GRU", "Shape", "Gather", "Constant", "Equal", "If"}
+    outputs = [o for n in _all_nodes(g.proto.graph) for o in n.output if o]
+    assert len(outputs) == len(set(outputs))  # no name shadows another scope's
+    assert g.outputs[0].shape == (3, 8)
+    x = np.random.default_rng(0).standard_normal((3, 2, 5)).astype(np.float32)
+    tvm = pytest.importorskip("tvm")
+    from tvm import relax
+
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu",
+                                "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    vm = relax.VirtualMachine(tvm.compile(to_relax(g), target=target), tvm.cpu())
+    results = []
+    for flag in (1, 0):
+        feeds = {"x": x, "flag": np.array(flag, np.int64)}
+        assert_same_as_original(model, g, feeds)
+        want = run_ort(model, feeds)[0]
+        got = vm["main"](*[tvm.runtime.tensor(feeds[s.name], tvm.cpu()) for s in g.inputs]).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        results.append(want)
+    assert not np.allclose(results[0], results[1])  # the two branches really differ
+
+
+def test_lstm_of_wrong_rank_in_runtime_branch_is_reported():
+    model = _runtime_if_model()
+    branch = next(a.g for a in model.graph.node[1].attribute if a.name == "then_branch")  # LSTM fed 4-D
+    k = next(k for k, n in enumerate(branch.node) if n.op_type == "LSTM")
+    branch.node.insert(k, helper.make_node("Unsqueeze", ["xi", "i0_1d"], ["xi4"]))
+    branch.node[k + 1].input[0] = "xi4"
+    g = prepare(model, {"x": [3, 2, 5]})
+    with pytest.raises(UnsupportedModelError) as e:
+        to_relax(g)
+    assert "ai.onnx::LSTM (1 node: rec" in str(e.value) and "4-D" in str(e.value)
+
+
 # --------------------------------------------------------------------------- supported-op check
 
 def test_unsupported_ops_listed_at_once():

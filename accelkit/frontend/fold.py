@@ -2,8 +2,10 @@
 shape-computing subgraphs, inlining of If on a constant condition, dead-code removal."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -145,11 +147,26 @@ def rename_uses(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
                         out.name = mapping[out.name]
 
 
+# Names a fresh name must also avoid: while a subgraph is normalised as a model of its own, the
+# names of the enclosing graphs (outer scopes and sibling branches).
+_RESERVED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("accelkit_reserved_names",
+                                                                          default=frozenset())
+
+
+@contextlib.contextmanager
+def reserve_names(names: Iterable[str]) -> Iterator[None]:
+    token = _RESERVED.set(_RESERVED.get() | frozenset(names))
+    try:
+        yield
+    finally:
+        _RESERVED.reset(token)
+
+
 class NameSupply:
-    """Fresh value names that collide with nothing already in the model."""
+    """Fresh value names that collide with nothing already in the model (nor any reserved name)."""
 
     def __init__(self, taken: Iterable[str]):
-        self.taken = set(taken)
+        self.taken = set(taken) | _RESERVED.get()
 
     def __call__(self, hint: str) -> str:
         name, k = hint, 0
@@ -371,13 +388,111 @@ def remove_identities(model: onnx.ModelProto) -> None:
         rename_uses(g, mapping)
 
 
+def defined_names(graph: onnx.GraphProto, into: set[str] | None = None) -> set[str]:
+    """Values defined in graph or any nested subgraph: inputs, initializers, node outputs."""
+    names = into if into is not None else set()
+    names.update(vi.name for vi in graph.input)
+    names.update(init.name for init in graph.initializer)
+    for node in graph.node:
+        names.update(o for o in node.output if o)
+        for attr in node.attribute:
+            for sub in _subgraphs(attr):
+                defined_names(sub, names)
+    return names
+
+
+def free_names(graph: onnx.GraphProto) -> set[str]:
+    """Outer-scope values a subgraph (or its nested subgraphs) reads."""
+    used = used_names(graph) | {o.name for o in graph.output}
+    return used - defined_names(graph)
+
+
+def _normalise_branch(
+    branch: onnx.GraphProto,
+    model: onnx.ModelProto,
+    types: dict[str, onnx.TypeProto],
+    limit: int,
+    rewrite: Callable[[onnx.ModelProto], bool] | None,
+) -> onnx.GraphProto | None:
+    """An If branch normalised like a model of its own: its outer-scope values become inputs
+    (small outer constants become initializers, so they fold). None if an outer value's type is
+    unknown (the branch is then left as is)."""
+    outer_consts = {init.name: init for init in model.graph.initializer}
+    free = free_names(branch)
+    sm = onnx.ModelProto()
+    sm.ir_version = max(model.ir_version, 4)
+    sm.opset_import.extend(model.opset_import)
+    sm.functions.extend(model.functions)
+    sg = sm.graph
+    sg.name = branch.name or "branch"
+    for name in sorted(free):
+        const = outer_consts.get(name)
+        if const is not None and _numel(const.dims) <= limit and not const.HasField("data_location"):
+            sg.initializer.append(const)
+        elif name in types:
+            sg.input.append(helper.make_value_info(name, types[name]))
+        else:
+            return None
+    sg.node.extend(branch.node)
+    sg.initializer.extend(branch.initializer)
+    sg.output.extend(branch.output)
+    with reserve_names(all_names(model.graph)):
+        sm = fold_to_fixpoint(sm, limit, rewrite)
+    out = onnx.GraphProto()
+    out.name = branch.name
+    out.doc_string = branch.doc_string
+    out.node.extend(sm.graph.node)
+    out.initializer.extend(init for init in sm.graph.initializer if init.name not in free)
+    out.output.extend(sm.graph.output)
+    out.value_info.extend(vi for vi in sm.graph.value_info if vi.name not in free)
+    return out
+
+
+def _fingerprint(graph: onnx.GraphProto) -> bytes:
+    g = onnx.GraphProto()
+    g.node.extend(graph.node)
+    g.initializer.extend(graph.initializer)
+    g.output.extend(graph.output)
+    return g.SerializeToString(deterministic=True)
+
+
+def normalise_subgraphs(
+    model: onnx.ModelProto,
+    limit: int = FOLD_LIMIT_ELEMENTS,
+    rewrite: Callable[[onnx.ModelProto], bool] | None = None,
+) -> bool:
+    """Normalise the branches of the main graph's If nodes (whose condition is only known at run
+    time) in place: fold their shape subgraphs, inline their constant Ifs, apply `rewrite` (RNN
+    expansion), recursively. Loop/Scan bodies are left alone. Needs value_info; returns whether
+    anything changed."""
+    types = tensor_types(model)
+    changed = False
+    for node in model.graph.node:
+        if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
+            continue
+        for attr in node.attribute:
+            if attr.type != onnx.AttributeProto.GRAPH:
+                continue
+            new = _normalise_branch(attr.g, model, types, limit, rewrite)
+            if new is not None and _fingerprint(new) != _fingerprint(attr.g):
+                attr.g.CopyFrom(new)
+                changed = True
+    return changed
+
+
+def _has_if(model: onnx.ModelProto) -> bool:
+    return any(n.op_type == "If" and n.domain in ("", "ai.onnx") for n in model.graph.node)
+
+
 def fold_to_fixpoint(
     model: onnx.ModelProto,
     limit: int = FOLD_LIMIT_ELEMENTS,
     rewrite: Callable[[onnx.ModelProto], bool] | None = None,
 ) -> onnx.ModelProto:
     """Shape inference + folding (+ an optional rewrite such as RNN expansion), repeated until
-    nothing changes. Returns a new model with fresh value_info."""
+    nothing changes; then the branches of the If nodes left (data-dependent conditions) get the
+    same treatment, and the main graph another round if that changed them (their output shapes
+    may now be known). Returns a new model with fresh value_info."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     remove_dead(m)
@@ -387,6 +502,8 @@ def fold_to_fixpoint(
         if rewrite is not None:
             m = infer_shapes(m) if changed else m
             changed = rewrite(m) or changed
+        if not changed and _has_if(m):
+            changed = normalise_subgraphs(m, limit, rewrite)
         if not changed:
             break
     remove_identities(m)

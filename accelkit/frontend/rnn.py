@@ -108,7 +108,10 @@ def _expand(node: onnx.NodeProto, types: dict, consts: dict, fresh: NameSupply, 
 
     x_type = types.get(X)
     x_shape = static_shape(x_type) if x_type is not None else None
-    if x_shape is None or len(x_shape) != 3:
+    if x_shape is not None and len(x_shape) != 3:
+        raise _Unsupported(f"input X {X!r} is {len(x_shape)}-D {list(x_shape)} where {kind} needs 3-D "
+                           "(this node cannot run with these input shapes)")
+    if x_shape is None:
         raise _Unsupported(f"input X {X!r} has no static 3-D shape")
     S, N, I = (x_shape[1], x_shape[0], x_shape[2]) if layout else x_shape
     w_shape = static_shape(types[W]) if W in types else None
