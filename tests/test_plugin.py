@@ -233,8 +233,10 @@ def test_register_refuses_a_duplicate_name_unless_override(clean_registry):
 
 
 def test_register_refuses_to_replace_a_not_yet_loaded_builtin(clean_registry, monkeypatch):
-    monkeypatch.setattr(registry, "_classes", {})
-    monkeypatch.setattr(registry, "_instances", {})
+    # a fresh process: nothing discovered or loaded yet, whatever earlier tests looked up
+    for attr in ("_classes", "_lazy", "_instances"):
+        monkeypatch.setattr(registry, attr, {})
+    monkeypatch.setattr(registry, "_discovered", False)
     with pytest.raises(accelkit.BackendError, match="already registered"):
         accelkit.register_backend(_backend_class("reference"))
 
