@@ -81,7 +81,8 @@ class CompiledModel:
                         f"{bound} in the model (valid: {-bound} .. {bound - 1}); e.g. a token id "
                         f"outside the vocabulary"
                     )
-            arrays.append(np.ascontiguousarray(array))
+            # np.ascontiguousarray would turn a 0-d (scalar) input into shape (1,)
+            arrays.append(array if array.flags.c_contiguous else array.copy(order="C"))
         return arrays
 
     def _describe_inputs(self) -> str:

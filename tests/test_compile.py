@@ -161,3 +161,20 @@ def test_generated_gather_cannot_read_out_of_bounds(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_scalar_and_non_contiguous_inputs(backend):
+    from onnx import TensorProto, helper
+
+    from conftest import make_model
+
+    proto = make_model([helper.make_node("Mul", ["x", "scale"], ["y"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4]),
+                        helper.make_tensor_value_info("scale", TensorProto.FLOAT, [])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])])
+    model = accelkit.compile(proto, backend=backend)
+    assert model.inputs[1].shape == ()
+    x = np.arange(12, dtype="float32").reshape(4, 3).T  # a transposed (non-contiguous) view
+    out = model.run({"x": x, "scale": np.array(2.5, "float32")})[0]
+    assert np.array_equal(out, x * 2.5)

@@ -212,9 +212,11 @@ def _resolve_shapes(proto: onnx.ModelProto, input_shapes: Mapping[str, Sequence[
             if k is None:
                 example[name] = "[...]"
         shown = "{" + ", ".join(f"{n!r}: {v}" for n, v in example.items()) + "}"
+        flags = " ".join(f"--input-shape {n}={v.strip('[]').replace(' ', '')}" for n, v in example.items())
         raise InputShapeError(
             "the model's input shapes are not static: " + "; ".join(lines)
-            + f". Give the sizes: prepare(model, input_shapes={shown}) with each name replaced by its size"
+            + f". Give the sizes: accelkit.compile(model, input_shapes={shown}) or on the command "
+            f"line {flags}, with each symbolic name replaced by its size"
         )
     return [TensorSpec(vi.name, tuple(shape), _elem_dtype(vi.type)) for vi, shape in specs]
 
