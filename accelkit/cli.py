@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("backends", help="list backends (built-in and installed plugins)")
 
+    k = sub.add_parser("cache", help="inspect or clean the compile cache")
+    k.add_argument("action", choices=["ls", "verify", "clear", "prune", "dir"])
+    k.add_argument("--max-size", metavar="SIZE", help="prune: keep at most SIZE (e.g. 2G, 500M)")
+
     d = sub.add_parser("demo", help="compile and run the bundled example model, check it")
     d.add_argument("--backend", default="cpu")
     return p
@@ -82,7 +86,7 @@ def cmd_compile(args):
     elapsed = time.perf_counter() - start
     out = args.output or os.path.splitext(args.model)[0] + ".akx"
     model.save(out)
-    print(f"compiled {args.model} in {elapsed:.1f} s -> {out}")
+    print(f"compiled {args.model} in {elapsed:.1f} s (cache: {model.cache_status}) -> {out}")
     _print_summary(model.manifest)
 
 
@@ -165,8 +169,8 @@ def cmd_info(args):
     m = read_manifest(args.artifact)
     print(f"{args.artifact}: model '{m.get('model_name')}', created {m.get('created')}")
     _print_summary(m)
-    print(f"  versions:  " + ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items())))
-    print(f"  files:     " + ", ".join(f"{n} (sha256 {h[:12]})" for n, h in m["files"].items()))
+    print("  versions:  " + ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items())))
+    print("  files:     " + ", ".join(f"{n} (sha256 {h[:12]})" for n, h in m["files"].items()))
 
 
 def cmd_backends(args):
@@ -184,6 +188,49 @@ def cmd_backends(args):
         print(f"{name:12s} {state:12s} {desc}" + (f"  [{where}]" if where else ""))
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def cmd_cache(args):
+    from accelkit.cache import Cache, parse_size
+    from accelkit.errors import OptionError
+
+    store = Cache()
+    if args.action == "dir":
+        print(store.root)
+    elif args.action == "ls":
+        entries = store.list()
+        print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} in {store.root}, "
+              f"{_size(sum(e.size for e in entries))}")
+        for e in sorted(entries, key=lambda e: -e.last_used):
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+            print(f"  {e.key[:12]}  {e.info.get('backend', '?'):10s} {e.info.get('precision', '?'):5s} "
+                  f"{_size(e.size):>10s}  last used {used}  {e.info.get('model', '?')}")
+    elif args.action == "verify":
+        report = store.verify()
+        bad = [(e, p) for e, p in report if p]
+        for e, problem in bad:
+            print(f"  BAD {e.key[:12]}: {problem}")
+        print(f"{len(report) - len(bad)} of {len(report)} entries OK"
+              + (" (run `accelkit cache clear`, or compile again: bad entries are rebuilt)"
+                 if bad else ""))
+        return 1 if bad else 0
+    elif args.action == "clear":
+        print(f"removed {store.clear()} entries from {store.root}")
+    elif args.action == "prune":
+        if not args.max_size:
+            raise OptionError("cache prune needs --max-size, e.g. --max-size 2G")
+        removed = store.prune(parse_size(args.max_size))
+        left = store.list()
+        print(f"removed {len(removed)} least recently used entries ({_size(sum(e.size for e in removed))}); "
+              f"{len(left)} left, {_size(sum(e.size for e in left))}")
+
+
 def cmd_demo(args):
     from accelkit.demo import run_demo
 
@@ -191,7 +238,7 @@ def cmd_demo(args):
 
 
 COMMANDS = {"compile": cmd_compile, "run": cmd_run, "info": cmd_info, "backends": cmd_backends,
-            "demo": cmd_demo}
+            "cache": cmd_cache, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

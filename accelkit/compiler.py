@@ -27,14 +27,11 @@ def compile_model(
 
     precision: fp32 (others listed in PRECISIONS arrive with quantization support).
     input_shapes: sizes for symbolic dims, e.g. {"input_ids": [1, 128]}.
-    cache: reuse a previous compilation of the same thing (see README: not yet implemented).
+    cache: reuse a previous compilation of the same thing (accelkit.cache; cache=False skips).
     tune: a tuning budget (not yet implemented).
     options: backend-specific options (Backend.options lists them).
     """
-    from accelkit import artifact, frontend
-    from accelkit.guards import index_bounds
     from accelkit.backends import CompileOptions, get_backend
-    from accelkit.model import CompiledModel
 
     if precision not in PRECISIONS:
         raise OptionError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -57,10 +54,98 @@ def compile_model(
         raise BackendError(f"backend '{be.name}' is not available on this machine "
                            f"(its device or driver is missing); try backend='cpu'")
 
+    compile_options = CompileOptions(precision=precision, extra=dict(options))
+    if not cache:
+        return _build(model, input_shapes, be, compile_options, status="off")
+    components = _key_components(model, input_shapes, be, compile_options)
+    if components is None:  # unreadable path or bad input_shapes: the frontend reports it
+        return _build(model, input_shapes, be, compile_options, status="off")
+    from accelkit.cache import Cache
+
+    store = Cache()
+    key = cache_key(components)
+    hit = store.load(key)
+    if hit is not None:
+        hit.cache_status = "hit"
+        return hit
+    with store.lock(key) as locked:
+        if locked:  # another process may have compiled it while we waited for the lock
+            hit = store.load(key)
+            if hit is not None:
+                hit.cache_status = "hit"
+                return hit
+        compiled = _build(model, input_shapes, be, compile_options, status="miss")
+        if _uses_external_data(model):  # weights outside the key's bytes: never cache
+            compiled.cache_status = "off (external data)"
+            return compiled
+        info = {"key": key, "model": components.pop("source"), "backend": be.name,
+                "precision": precision, "created": compiled.manifest["created"],
+                "components": components}
+        if store.publish(key, compiled._directory, compiled.manifest, info) is None:
+            compiled.cache_status = "unwritable"
+        return compiled
+
+
+def cache_key(components: dict[str, Any]) -> str:
+    from accelkit.cache import cache_key as _key
+
+    return _key({k: v for k, v in components.items() if k != "source"})
+
+
+def _key_components(model, input_shapes, be, options) -> dict[str, Any] | None:
+    """Everything that changes what compile produces (the cache key hashes these)."""
+    from accelkit import artifact
+    from accelkit.backends import TVMBackend
+    from accelkit.cache import cache_dir, model_digest
+
+    try:
+        digest, source = model_digest(model, memo_dir=os.path.join(cache_dir(), "digests"))
+    except (OSError, TypeError):
+        return None
+    try:
+        shapes = ({str(k): [int(d) for d in v] for k, v in sorted(dict(input_shapes).items())}
+                  if input_shapes else None)
+    except (TypeError, ValueError):  # malformed input_shapes: the frontend reports it properly
+        return None
+    return {
+        "model": digest,
+        "source": source,
+        "input_shapes": shapes,
+        "backend": be.name,
+        "backend_fingerprint": be.fingerprint(),
+        "target": str(be.target(options)) if isinstance(be, TVMBackend) else None,
+        "precision": options.precision,
+        "calibration": None,  # digest of the calibration data, with int8 support
+        "tuning_db": None,  # digest of the tuning records applied, with tuning support
+        "options": options.extra,
+        "versions": artifact.versions(),
+    }
+
+
+def _uses_external_data(model) -> bool:
+    if not isinstance(model, (str, os.PathLike)):
+        return False  # bytes / ModelProto carry their tensors (or were loaded already)
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    try:
+        proto = onnx.load(os.fspath(model), load_external_data=False)
+    except Exception:  # noqa: BLE001 - it compiled, so this is only a caching decision
+        return True
+    tensors = list(proto.graph.initializer)
+    return any(uses_external_data(t) for t in tensors)
+
+
+def _build(model, input_shapes, be, compile_options, *, status: str):
+    """Frontend + backend compile into a fresh temporary directory -> CompiledModel."""
+    from accelkit import artifact, frontend
+    from accelkit.guards import index_bounds
+    from accelkit.model import CompiledModel
+
     graph = frontend.prepare(model, input_shapes)
     out_dir = tempfile.mkdtemp(prefix="accelkit-build-")
     try:
-        entries = be.compile(graph, CompileOptions(precision=precision, extra=dict(options)), out_dir)
+        entries = be.compile(graph, compile_options, out_dir)
         files = {name: artifact.sha256_file(os.path.join(out_dir, name))
                  for name in sorted(os.listdir(out_dir))}
         manifest = {
@@ -68,7 +153,7 @@ def compile_model(
             "format_version": artifact.FORMAT_VERSION,
             "backend": be.name,
             "backend_fingerprint": be.fingerprint(),
-            "precision": precision,
+            "precision": compile_options.precision,
             "model_name": graph.proto.graph.name or "model",
             "inputs": [_spec(s) for s in graph.inputs],
             "outputs": [_spec(s) for s in graph.outputs],
@@ -78,13 +163,15 @@ def compile_model(
             "files": files,
             **entries,
         }
-        return CompiledModel(be, out_dir, manifest, owns_directory=True)
+        compiled = CompiledModel(be, out_dir, manifest, owns_directory=True)
     except AccelkitError:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
     except Exception as exc:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise CompileError(f"backend '{be.name}' failed: {type(exc).__name__}: {exc}") from exc
+    compiled.cache_status = status
+    return compiled
 
 
 def _spec(spec) -> dict[str, Any]:

@@ -14,7 +14,8 @@ class CompiledModel:
     """What `accelkit.compile` and `accelkit.load` return. `run(feeds)` returns the outputs as a
     list of numpy arrays in graph output order, like onnxruntime's InferenceSession.run."""
 
-    def __init__(self, backend, directory: str, manifest: dict[str, Any], *, owns_directory: bool):
+    def __init__(self, backend, directory: str, manifest: dict[str, Any], *, owns_directory: bool,
+                 runner=None):
         from accelkit.frontend import TensorSpec
 
         self._backend = backend
@@ -23,7 +24,10 @@ class CompiledModel:
         self.inputs = [TensorSpec(d["name"], tuple(d["shape"]), d["dtype"]) for d in manifest["inputs"]]
         self.outputs = [TensorSpec(d["name"], tuple(d["shape"]), d["dtype"]) for d in manifest["outputs"]]
         self._index_bounds = manifest.get("index_bounds", {})
-        self._runner = backend.load(directory, manifest)
+        # how compile() got this model: "hit", "miss" (compiled, then cached), "off"
+        # (cache=False), "unwritable" (compiled; the cache could not be written); None if loaded
+        self.cache_status: str | None = None
+        self._runner = runner if runner is not None else backend.load(directory, manifest)
         if owns_directory:
             # the loaded library stays mapped until the process exits; the files can go with us
             self._cleanup = weakref.finalize(self, shutil.rmtree, directory, True)
