@@ -57,13 +57,11 @@ def model_digest(model, memo_dir: str | None = None) -> tuple[str, str]:
     from user space, so even an edit that restores the mtime is seen."""
     import onnx
 
-    digest = hashlib.sha256()
     if isinstance(model, onnx.ModelProto):
-        digest.update(model.SerializeToString(deterministic=True))
-        return digest.hexdigest(), model.graph.name or "ModelProto"
+        serialized = model.SerializeToString(deterministic=True)
+        return hashlib.sha256(serialized).hexdigest(), model.graph.name or "ModelProto"
     if isinstance(model, (bytes, bytearray, memoryview)):
-        digest.update(model)
-        return digest.hexdigest(), f"<{len(model)} bytes>"
+        return hashlib.sha256(model).hexdigest(), f"<{len(model)} bytes>"
     path = os.path.abspath(os.fspath(model))
     before = _stamp(path)
     memo = (os.path.join(memo_dir, hashlib.sha256(path.encode()).hexdigest() + ".json")
@@ -78,11 +76,14 @@ def model_digest(model, memo_dir: str | None = None) -> tuple[str, str]:
             pass
     result = artifact.sha256_file(path)
     if memo and _stamp(path) == before:  # not memoised if the file changed while being read
-        with contextlib.suppress(OSError):
+        tmp = f"{memo}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
             os.makedirs(memo_dir, mode=0o700, exist_ok=True)
-            tmp = f"{memo}.{uuid.uuid4().hex[:8]}.tmp"
             _write(tmp, json.dumps({"path": path, "stamp": before, "digest": result}))
             os.replace(tmp, memo)
+        except OSError:  # a read-only or full cache only loses the memo
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
     return result, path
 
 
