@@ -139,6 +139,7 @@ class Cache:
         model = CompiledModel(backend, path, manifest, owns_directory=False,
                               runner=_LOADED.get(loaded_as))
         _LOADED[loaded_as] = model._runner
+        model.cache_status = "hit"
         return model
 
     def publish(self, key: str, build_dir: str, manifest: dict[str, Any],

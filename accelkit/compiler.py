@@ -66,13 +66,11 @@ def compile_model(
     key = cache_key(components)
     hit = store.load(key)
     if hit is not None:
-        hit.cache_status = "hit"
         return hit
     with store.lock(key) as locked:
         if locked:  # another process may have compiled it while we waited for the lock
             hit = store.load(key)
             if hit is not None:
-                hit.cache_status = "hit"
                 return hit
         compiled = _build(model, input_shapes, be, compile_options, status="miss")
         if _uses_external_data(model):  # weights outside the key's bytes: never cache
@@ -126,14 +124,14 @@ def _uses_external_data(model) -> bool:
     if not isinstance(model, (str, os.PathLike)):
         return False  # bytes / ModelProto carry their tensors (or were loaded already)
     import onnx
-    from onnx.external_data_helper import uses_external_data
+
+    from accelkit.frontend import _all_initializers, _uses_external_data
 
     try:
         proto = onnx.load(os.fspath(model), load_external_data=False)
     except Exception:  # noqa: BLE001 - it compiled, so this is only a caching decision
         return True
-    tensors = list(proto.graph.initializer)
-    return any(uses_external_data(t) for t in tensors)
+    return any(_uses_external_data(t) for t in _all_initializers(proto.graph))
 
 
 def _build(model, input_shapes, be, compile_options, *, status: str):

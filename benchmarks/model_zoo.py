@@ -170,6 +170,7 @@ def check(name: str, path: str) -> dict:
     import onnxruntime as ort
 
     import accelkit
+    from accelkit.demo import relative_l2
 
     t0 = time.perf_counter()
     model = accelkit.compile(path, input_shapes=INPUT_SHAPES.get(name))
@@ -182,7 +183,7 @@ def check(name: str, path: str) -> dict:
     ref = session.run(None, feeds)
     if [g.shape for g in got] != [r.shape for r in ref]:
         raise AssertionError(f"output shapes {[g.shape for g in got]} != onnxruntime's {[r.shape for r in ref]}")
-    errs = [float(np.linalg.norm(g.astype(np.float64) - r) / max(np.linalg.norm(r), 1e-30)) for g, r in zip(got, ref)]
+    errs = [relative_l2(g, r) for g, r in zip(got, ref)]
     accelkit_ms = _median_ms(lambda: model.run(feeds))
     ort_ms = _median_ms(lambda: session.run(None, feeds))
     return {"model": name, "rel_l2": max(errs), "compile_s": compile_s, "accelkit_ms": accelkit_ms,

@@ -6,11 +6,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-
-def relative_l2(actual, expected) -> float:
-    expected = np.asarray(expected, dtype=np.float64)
-    return float(np.linalg.norm(np.asarray(actual, dtype=np.float64) - expected)
-                 / max(np.linalg.norm(expected), 1e-30))
+from accelkit.demo import relative_l2  # noqa: F401  (re-exported for the tests)
 
 
 def make_model(nodes, inputs, outputs, initializers=(), opset=17, name="test", domains=()):
