@@ -18,14 +18,16 @@ ffi_includes, ffi_lib_dir = _tvm_ffi()
 
 kernels = Extension(
     "accelkit._kernels",
-    sources=["accelkit/_kernels.pyx", "kernels/src/dense.c", "kernels/src/ffi.c"],
+    sources=["accelkit/_kernels.pyx", "kernels/src/gemm.c", "kernels/src/portable.c",
+             "kernels/src/avx512.c", "kernels/src/ffi.c"],
     include_dirs=["kernels/include", *ffi_includes],
     # Linked by soname: at import, `import tvm_ffi` has already loaded libtvm_ffi.so, which the
     # loader reuses; the $ORIGIN rpath finds the installed apache-tvm-ffi otherwise.
     library_dirs=[ffi_lib_dir],
     libraries=["tvm_ffi"],
     runtime_library_dirs=["$ORIGIN/../tvm_ffi/lib", ffi_lib_dir],
-    extra_compile_args=["-O3", "-std=gnu11", "-fno-math-errno"],
+    extra_compile_args=["-O3", "-std=gnu11", "-fno-math-errno", "-fopenmp-simd"],
+    depends=["kernels/include/ak_kernels.h"],
 )
 
 setup(ext_modules=cythonize([kernels], language_level=3))

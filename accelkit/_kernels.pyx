@@ -2,17 +2,25 @@
 """accelkit's C kernels, registered into TVM-FFI's global function table at import.
 
 The hot path (Relax VM -> TVM-FFI safe_call -> C kernel) never touches Python; this module
-only registers. Import `tvm_ffi` first: it loads libtvm_ffi.so globally, which resolves the
-TVM-FFI symbols the kernels' glue uses.
+only registers the kernels and wires their parallel loops to the process's one thread pool.
+Import `tvm_ffi` first: it loads libtvm_ffi.so globally, which resolves the TVM-FFI symbols the
+kernels' glue uses. Use accelkit.kernels.load(), not this module directly.
 """
-import tvm_ffi  # noqa: F401  (import accelkit._kernels through accelkit.kernels.load())
+from libc.stdint cimport uintptr_t
+
+import tvm_ffi  # noqa: F401
 
 cdef extern from "ak_kernels.h":
-    pass
-cdef extern int ak_register_all() nogil
-cdef extern int ak_force_portable
+    ctypedef int (*ak_parallel_launch_fn)(void* f, void* cdata, int num_task)
+    void ak_set_parallel_launch(ak_parallel_launch_fn fn, int num_threads)
+    int ak_num_threads()
+    int ak_isa()
+    int ak_force_portable
 
-KERNELS = ("accelkit.cpu.dense_bias", "accelkit.cpu.dense_bias_relu")
+cdef extern int ak_register_all() nogil
+
+KERNELS = ("accelkit.cpu.dense", "accelkit.cpu.bmm", "accelkit.cpu.conv2d",
+           "accelkit.cpu.layer_norm", "accelkit.cpu.softmax")
 
 
 def register():
@@ -20,6 +28,22 @@ def register():
     if ak_register_all() < 0:
         raise RuntimeError("accelkit: registering the C kernels into TVM-FFI failed")
     return KERNELS
+
+
+def set_parallel_launch(uintptr_t address, int threads):
+    """Run the kernels' parallel loops through the pool whose launch function
+    (TVMBackendParallelLaunch's signature) is at `address`, with `threads` tasks; 0 = serial."""
+    ak_set_parallel_launch(<ak_parallel_launch_fn>address, threads)
+
+
+def num_threads():
+    """Tasks the kernels split their work into."""
+    return ak_num_threads()
+
+
+def isa():
+    """The instruction set the kernels run: 'avx512' or 'portable'."""
+    return "avx512" if ak_isa() else "portable"
 
 
 def portable():

@@ -1,4 +1,5 @@
-"""Loads accelkit's C kernel extension and registers its TVM-FFI functions (once per process)."""
+"""Loads accelkit's C kernel extension, registers its TVM-FFI functions and wires their parallel
+loops to TVM's thread pool (once per process)."""
 from __future__ import annotations
 
 import functools
@@ -7,6 +8,10 @@ import functools
 @functools.cache
 def load():
     """Import accelkit._kernels (which registers `accelkit.cpu.*` into TVM-FFI) and return it."""
+    from accelkit import threads
+
+    threads.configure()
+    import tvm  # noqa: F401  -- loads libtvm_runtime.so (the pool's launch function)
     import tvm_ffi  # noqa: F401  -- loads libtvm_ffi.so, which the extension links by soname
 
     try:
@@ -18,4 +23,24 @@ def load():
             f"accelkit's C kernels are not built ({exc}); reinstall accelkit with "
             "`pip install -e .` from the repository (needs gcc and cython)"
         ) from exc
+    wire_threads(threads.default_num_threads(), module=_kernels)
     return _kernels
+
+
+def wire_threads(n: int, module=None) -> int:
+    """Point the kernels at TVM's pool with min(n, pool size) tasks; returns that count."""
+    import ctypes
+
+    import tvm
+
+    from accelkit import threads
+
+    kernels = module if module is not None else load()
+    runtime = tvm.base._LOADED_LIBS.get("tvm_runtime")
+    if runtime is None:  # pragma: no cover - a TVM without the runtime library loaded
+        kernels.set_parallel_launch(0, 1)
+        return 1
+    launch = ctypes.cast(runtime.TVMBackendParallelLaunch, ctypes.c_void_p).value
+    count = max(1, min(int(n), threads.pool_size()))
+    kernels.set_parallel_launch(launch, count)
+    return count

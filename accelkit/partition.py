@@ -21,10 +21,14 @@ def offload(mod, patterns: Sequence) -> tuple[object, dict[str, int]]:
             def rewriter(expr, matches, pattern=pattern):
                 if pattern.check is not None and not pattern.check(matches):
                     return expr
+                if pattern.build is not None:
+                    args = pattern.build(matches)
+                    if args is None:
+                        return expr
+                else:
+                    args = [matches[a] for a in pattern.args]
                 counts[pattern.name] += 1
-                return relax.call_dps_packed(
-                    pattern.kernel, [matches[a] for a in pattern.args], expr.ty
-                )
+                return relax.call_dps_packed(pattern.kernel, args, expr.ty)
 
             func = rewrite_call(pattern.pattern, rewriter, func)
         mod[gvar] = func

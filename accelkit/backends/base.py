@@ -69,7 +69,9 @@ class KernelPattern:
     `pattern` is a tvm.relax.dpl pattern; `args` are nodes of it whose matched expressions are
     passed, in order, to `kernel`: a TVM-FFI global function in destination-passing style,
     called as kernel(*args, out). `check(matches)` may refuse a match (unsupported dtype or
-    shape), which then stays with TVM-generated code.
+    shape), which then stays with TVM-generated code. Instead of `args`, `build(matches)` may
+    return the whole argument list (Relax expressions: matched ones, new constants such as
+    packed weights, `relax.prim_value` attributes), or None to refuse the match.
     """
 
     name: str
@@ -77,6 +79,7 @@ class KernelPattern:
     args: Sequence[Any]
     kernel: str
     check: Callable[[dict], bool] | None = None
+    build: Callable[[dict], list | None] | None = None
 
 
 class Runner(Protocol):

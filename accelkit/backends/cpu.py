@@ -1,6 +1,21 @@
-"""The `cpu` backend: TVM's llvm target tuned to the host CPU, with fused dense layers offloaded
-to accelkit's C kernels (accelkit._kernels)."""
+"""The `cpu` backend: TVM's llvm target tuned to the host CPU, with the heavy subgraphs offloaded
+to accelkit's C kernels (accelkit._kernels, one TVM-FFI call each, no Python in the hot path):
+
+- dense: matmul(x[..., K], W) with a constant W (packed into panels at compile time), fused with
+  its bias, a residual add before or after the activation, and the activation (relu, clip/relu6,
+  gelu in erf or tanh form, silu, sigmoid);
+- conv2d: NCHW/OIHW, any stride/padding/dilation, groups (depthwise has its own kernel), fused
+  with bias, residual and activation the same way;
+- bmm: batched matmul of two activations (attention), with a scalar scale folded in;
+- layer_norm over the last axis; softmax over the last axis.
+
+Whatever is not matched (or fails a check: dtype, symbolic shape, an unsupported attribute)
+stays with TVM-generated code, which the default schedules make parallel and vectorised."""
 from __future__ import annotations
+
+import itertools
+import math
+import numpy as np
 
 from accelkit.backends.base import (
     CompileOptions,
@@ -10,30 +25,309 @@ from accelkit.backends.base import (
     tensor_type,
 )
 
+NR = 32  # columns per packed weight panel (AK_NR in kernels/include/ak_kernels.h)
 
-def dense_patterns(prefix: str, kernel_prefix: str) -> list[KernelPattern]:
-    """matmul(x, W) + b [-> relu] with 2-D float32 x, constant 2-D W and 1-D b."""
+ACT_CODES = {None: 0, "relu": 1, "clip": 2, "gelu": 3, "gelu_tanh": 4, "silu": 5, "sigmoid": 6}
+
+
+def pack_weight(w: np.ndarray) -> np.ndarray:
+    """W[K, N] -> panels [ceil(N/NR), K, NR] (zero padded), the dense kernel's layout."""
+    k, n = w.shape
+    panels = -(-n // NR)
+    padded = np.zeros((k, panels * NR), np.float32)
+    padded[:, :n] = w
+    return np.ascontiguousarray(padded.reshape(k, panels, NR).transpose(1, 0, 2))
+
+
+# ---- pattern pieces --------------------------------------------------------------------------
+
+def _const_value(expr) -> np.ndarray | None:
+    import tvm
+
+    return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
+
+
+def _scalar(expr) -> float | None:
+    value = _const_value(expr)
+    return float(value.reshape(())) if value is not None and value.size == 1 else None
+
+
+def _commutative(op: str, a, b):
+    from tvm.relax.dpl import is_op
+
+    return is_op(op)(a, b) | is_op(op)(b, a)
+
+
+class _Act:
+    """An activation pattern on top of `inner`, and how to read its parameters from a match."""
+
+    def __init__(self, name: str | None):
+        self.name = name
+        self.consts: list = []
+
+    def wrap(self, inner):
+        from tvm.relax.dpl import is_const, is_op, wildcard
+
+        if self.name is None:
+            return inner
+        if self.name in ("relu", "silu", "sigmoid"):
+            op = "relax.sigmoid" if self.name == "sigmoid" else f"relax.nn.{self.name}"
+            return is_op(op)(inner)
+        if self.name == "clip":
+            self.node = is_op("relax.clip")(inner, wildcard(), wildcard())
+            return self.node
+        if self.name == "gelu_tanh":
+            return is_op("relax.nn.gelu_tanh")(inner)
+        # gelu, erf form: relax.nn.gelu, or x * 0.5 * (1 + erf(x / sqrt(2))) as exported by torch
+        c_div, c_one, c_half = is_const(), is_const(), is_const()
+        self.consts = [c_div, c_one, c_half]
+        erf = is_op("relax.erf")(is_op("relax.divide")(inner, c_div))
+        one_plus = _commutative("relax.add", erf, c_one)
+        decomposed = (_commutative("relax.multiply", _commutative("relax.multiply", inner, one_plus), c_half)
+                      | _commutative("relax.multiply", _commutative("relax.multiply", inner, c_half), one_plus))
+        return is_op("relax.nn.gelu")(inner) | decomposed
+
+    def params(self, matches, root) -> tuple[int, float, float] | None:
+        """(act code, lo, hi), or None when the matched constants are not this activation's."""
+        if self.name == "clip":
+            lo, hi = (float(getattr(v.value, "value", v.value)) for v in matches[self.node].args[1:3])
+            return ACT_CODES["clip"], lo, hi
+        if self.name == "gelu" and self.consts and self.consts[0] in matches:
+            div, one, half = (_scalar(matches[c]) for c in self.consts)
+            if None in (div, one, half) or not (math.isclose(div, math.sqrt(2), rel_tol=1e-5)
+                                                and one == 1.0 and half == 0.5):
+                return None
+        return ACT_CODES[self.name], 0.0, 0.0
+
+
+def _f32(expr, rank: tuple[int, ...] | None = None) -> tuple[int, ...] | None:
+    dtype, shape = tensor_type(expr)
+    if dtype != "float32" or shape is None or (rank is not None and len(shape) not in rank):
+        return None
+    return shape
+
+
+def _bias_vector(expr, n: int, channel_axis: int, out_rank: int) -> np.ndarray | None:
+    """A constant bias broadcast along `channel_axis` of the output, as a flat [n] vector."""
+    value = _const_value(expr)
+    if value is None or value.dtype != np.float32 or value.size != n or value.ndim > out_rank:
+        return None
+    shape = (1,) * (out_rank - value.ndim) + value.shape
+    if shape[channel_axis] != n:
+        return None
+    return np.ascontiguousarray(value.reshape(n))
+
+
+def _empty():
+    from tvm import relax
+
+    return relax.const(np.zeros((0,), np.float32))
+
+
+def _ints(*values: int):
+    import tvm
+    from tvm import relax
+
+    return [relax.prim_value(tvm.tirx.IntImm("int64", int(v))) for v in values]
+
+
+def _floats(*values: float):
+    import tvm
+    from tvm import relax
+
+    return [relax.prim_value(tvm.tirx.FloatImm("float32", float(v))) for v in values]
+
+
+# ---- fused patterns: core op [+ bias] [+ residual] [+ act] [+ residual] -----------------------
+
+def _epilogue_variants():
+    acts = ("relu", "clip", "gelu", "gelu_tanh", "silu", "sigmoid", None)
+    # most specific first: rewrite_call applies the patterns in order
+    for res, bias, act in itertools.product(("pre", "post", None), (True, False), acts):
+        if res == "post" and act is None:
+            continue  # same as "pre" without an activation
+        yield bias, res, act
+
+
+def _fused(core, bias_const, res_node, res: str | None, act: _Act):
+    node = core
+    if bias_const is not None:
+        node = _commutative("relax.add", node, bias_const)
+    if res == "pre":
+        node = _commutative("relax.add", node, res_node)
+    node = act.wrap(node)
+    if res == "post":
+        node = _commutative("relax.add", node, res_node)
+    return node
+
+
+def _name(prefix: str, kernel: str, bias: bool, res: str | None, act: str | None) -> str:
+    parts = [kernel] + (["bias"] if bias else []) + ([f"add_{res}"] if res == "pre" and act else
+                                                     ["add"] if res else []) + ([act] if act else [])
+    return f"{prefix}.{'_'.join(parts)}"
+
+
+def dense_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.dense") -> list[KernelPattern]:
+    """matmul(x[..., K], const W[K, N]) with its epilogue -> the packed dense kernel."""
     from tvm.relax.dpl import is_const, is_op, wildcard
 
-    def check(x, w, b):
-        def ok(matches):
-            (xd, xs), (wd, ws), (bd, bs) = (tensor_type(matches[p]) for p in (x, w, b))
-            return (xd == wd == bd == "float32" and xs is not None and len(xs) == 2
-                    and ws is not None and len(ws) == 2 and bs == (ws[1],) and xs[1] == ws[0])
-        return ok
+    result = []
+    for bias, res, act_name in _epilogue_variants():
+        x, w, b, r = wildcard(), is_const(), is_const(), wildcard()
+        act = _Act(act_name)
+        core = is_op("relax.matmul")(x, w)
+        root = _fused(core, b if bias else None, r, res, act)
+
+        def build(matches, x=x, w=w, b=b, r=r, core=core, bias=bias, res=res, act=act, root=root):
+            from tvm import relax
+
+            xs, ws, out = _f32(matches[x], range(1, 9)), _f32(matches[w], (2,)), _f32(matches[core])
+            if xs is None or ws is None or out is None or xs[-1] != ws[0] or len(xs) < 2:
+                return None
+            n = ws[1]
+            bias_vec = _bias_vector(matches[b], n, len(out) - 1, len(out)) if bias else None
+            if bias and bias_vec is None:
+                return None
+            if res and _f32(matches[r]) != out:
+                return None
+            params = act.params(matches, matches[root]) if act.name else (0, 0.0, 0.0)
+            if params is None:
+                return None
+            code, lo, hi = params
+            packed = relax.const(pack_weight(_const_value(matches[w]).astype(np.float32)))
+            return ([matches[x], packed, relax.const(bias_vec) if bias else _empty(),
+                     matches[r] if res else _empty()]
+                    + _ints(n, code, {"pre": 1, "post": 2, None: 0}[res]) + _floats(lo, hi, 1.0))
+
+        result.append(KernelPattern(_name(prefix, "dense", bias, res, act_name), root, (), kernel,
+                                    build=build))
+    return result
+
+
+def conv2d_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.conv2d") -> list[KernelPattern]:
+    """conv2d(x NCHW, const W OIHW) with its epilogue -> the conv kernel (im2col GEMM, or the
+    direct depthwise kernel)."""
+    from tvm.relax.dpl import is_const, is_op, wildcard
 
     result = []
-    for act in ("relu", None):
-        x, w, b = wildcard(), is_const(), is_const()
-        matmul = is_op("relax.matmul")(x, w)
-        root = is_op("relax.add")(matmul, b) | is_op("relax.add")(b, matmul)
-        suffix = "dense_bias"
-        if act:
-            root = is_op(f"relax.nn.{act}")(root)
-            suffix += f"_{act}"
-        result.append(KernelPattern(f"{prefix}.{suffix}", root, (x, w, b),
-                                    f"{kernel_prefix}.{suffix}", check(x, w, b)))
+    for bias, res, act_name in _epilogue_variants():
+        x, w, b, r = wildcard(), is_const(), is_const(), wildcard()
+        act = _Act(act_name)
+        core = is_op("relax.nn.conv2d")(x, w)
+        root = _fused(core, b if bias else None, r, res, act)
+
+        def build(matches, x=x, w=w, b=b, r=r, core=core, bias=bias, res=res, act=act, root=root):
+            from tvm import relax
+
+            conv = matches[core]
+            attrs = conv.attrs
+            xs, ws, out = _f32(matches[x], (4,)), _f32(matches[w], (4,)), _f32(conv, (4,))
+            if xs is None or ws is None or out is None:
+                return None
+            if (attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW"
+                    or attrs.out_layout not in ("NCHW", "") or str(attrs.out_dtype) not in ("float32", "", "None", "void")):
+                return None
+            groups = int(attrs.groups)
+            stride = [int(v) for v in attrs.strides]
+            pad = [int(v) for v in attrs.padding]
+            dilation = [int(v) for v in attrs.dilation]
+            if len(pad) == 2:
+                pad = pad * 2
+            if len(stride) != 2 or len(dilation) != 2 or len(pad) != 4:
+                return None
+            bias_vec = _bias_vector(matches[b], out[1], 1, 4) if bias else None
+            if bias and bias_vec is None:
+                return None
+            if res and _f32(matches[r]) != out:
+                return None
+            params = act.params(matches, matches[root]) if act.name else (0, 0.0, 0.0)
+            if params is None:
+                return None
+            code, lo, hi = params
+            return ([matches[x], matches[w], relax.const(bias_vec) if bias else _empty(),
+                     matches[r] if res else _empty()]
+                    + _ints(groups, stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
+                            code, {"pre": 1, "post": 2, None: 0}[res])
+                    + _floats(lo, hi, 1.0))
+
+        result.append(KernelPattern(_name(prefix, "conv2d", bias, res, act_name), root, (), kernel,
+                                    build=build))
     return result
+
+
+def bmm_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.bmm") -> list[KernelPattern]:
+    """matmul(a, b) of two computed tensors (attention), optionally scaled by a constant."""
+    from tvm.relax.dpl import is_const, is_op, wildcard
+
+    result = []
+    for scale in ("divide", "multiply", None):
+        a, b, c = wildcard(), wildcard(), is_const()
+        core = is_op("relax.matmul")(a, b)
+        root = {"divide": is_op("relax.divide")(core, c), "multiply": _commutative("relax.multiply", core, c),
+                None: core}[scale]
+
+        def build(matches, a=a, b=b, c=c, core=core, scale=scale):
+            import tvm
+
+            as_, bs, out = _f32(matches[a], range(2, 9)), _f32(matches[b], range(2, 9)), _f32(matches[core])
+            if as_ is None or bs is None or out is None or len(as_) != len(bs):
+                return None
+            if isinstance(matches[b], tvm.ir.expr.Constant):
+                return None  # the dense kernel's job
+            batch_a, batch_b = math.prod(as_[:-2]), math.prod(bs[:-2])
+            if as_[-1] != bs[-2] or (batch_b != batch_a and batch_b != 1) or (batch_b == 1 and bs[:-2] != (1,) * (len(bs) - 2)):
+                return None
+            if batch_b == batch_a and as_[:-2] != bs[:-2]:
+                return None
+            factor = 1.0
+            if scale:
+                value = _scalar(matches[c])
+                if value is None or value == 0.0:
+                    return None
+                factor = 1.0 / value if scale == "divide" else value
+            return [matches[a], matches[b], _empty()] + _ints(0) + _floats(factor)
+
+        result.append(KernelPattern(f"{prefix}.bmm{'_scaled' if scale else ''}", root, (), kernel, build=build))
+    return result
+
+
+def norm_patterns(prefix: str = "cpu") -> list[KernelPattern]:
+    """layer_norm over the last axis (constant gamma/beta) and softmax over the last axis."""
+    from tvm.relax.dpl import is_const, is_op, wildcard
+
+    x, g, b = wildcard(), is_const(), is_const()
+    ln = is_op("relax.nn.layer_norm")(x, g, b)
+
+    def build_ln(matches):
+        from tvm import relax
+
+        call = matches[ln]
+        xs = _f32(matches[x], range(1, 9))
+        if xs is None or _f32(call) != xs:
+            return None
+        axes = [int(a) % len(xs) for a in call.attrs.axes]
+        if axes != [len(xs) - 1]:
+            return None
+        d = xs[-1]
+        gamma = _bias_vector(matches[g], d, 0, 1) if bool(call.attrs.scale) else np.ones(d, np.float32)
+        beta = _bias_vector(matches[b], d, 0, 1) if bool(call.attrs.center) else None
+        if gamma is None or (bool(call.attrs.center) and beta is None):
+            return None
+        return [matches[x], relax.const(gamma), relax.const(beta) if beta is not None else _empty()] + _floats(
+            float(call.attrs.epsilon))
+
+    s_x = wildcard()
+    sm = is_op("relax.nn.softmax")(s_x)
+
+    def build_sm(matches):
+        call = matches[sm]
+        xs = _f32(matches[s_x], range(1, 9))
+        if xs is None or int(call.attrs.axis) % len(xs) != len(xs) - 1:
+            return None
+        return [matches[s_x]]
+
+    return [KernelPattern(f"{prefix}.layer_norm", ln, (), "accelkit.cpu.layer_norm", build=build_ln),
+            KernelPattern(f"{prefix}.softmax", sm, (), "accelkit.cpu.softmax", build=build_sm)]
 
 
 class CPUBackend(TVMBackend):
@@ -44,7 +338,7 @@ class CPUBackend(TVMBackend):
         return host_target()
 
     def patterns(self):
-        return dense_patterns("cpu", "accelkit.cpu")
+        return conv2d_patterns() + dense_patterns() + bmm_patterns() + norm_patterns()
 
     def load_kernels(self):
         from accelkit import kernels
@@ -55,3 +349,5 @@ class CPUBackend(TVMBackend):
         from accelkit import __version__
 
         return f"{super().fingerprint()};kernels={__version__}"
+
+

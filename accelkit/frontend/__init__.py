@@ -354,6 +354,56 @@ def tvm_supported_ops() -> set[tuple[str, str]]:
 
 # --------------------------------------------------------------------------- TVM import
 
+@contextlib.contextmanager
+def _clip_as_relax_op():
+    """Import ONNX Clip with constant scalar bounds as one `relax.clip` op (TVM's importer emits
+    two opaque TE calls, which no later pass or kernel pattern can see through: ReLU6 is then
+    no longer fusable into the convolution before it)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    clip = onnx_frontend.Clip
+    original_v1, original_v13 = clip.__dict__["_impl_v1"], clip.__dict__["_impl_v13"]
+
+    def bound(expr, default):
+        if expr is None:
+            return default
+        if isinstance(expr, tvm.ir.expr.Constant) and expr.value.numpy().size == 1:
+            value = float(expr.value.numpy().reshape(()))
+            return None if value != value else value  # NaN bound: keep TVM's handling
+        return None
+
+    def emit(bb, x, lo, hi):
+        dtype = str(x.ty.dtype)
+        if dtype not in ("float32", "float16", "float64"):
+            return None
+        clamp = {"float16": 65504.0, "float32": 3.4028234663852886e38, "float64": 1.7976931348623157e308}[dtype]
+        lo, hi = max(lo, -clamp), min(hi, clamp)
+        return bb.emit(relax.op.clip(x, relax.prim_value(tvm_float(dtype, lo)), relax.prim_value(tvm_float(dtype, hi))))
+
+    def tvm_float(dtype, value):
+        return tvm.tirx.FloatImm(dtype, value)
+
+    @classmethod
+    def impl_v1(cls, bb, inputs, attr, params):
+        out = emit(bb, inputs[0], float(attr.get("min", -float("inf"))), float(attr.get("max", float("inf"))))
+        return out if out is not None else original_v1.__func__(cls, bb, inputs, attr, params)
+
+    @classmethod
+    def impl_v13(cls, bb, inputs, attr, params):
+        lo = bound(inputs[1] if len(inputs) > 1 else None, -float("inf"))
+        hi = bound(inputs[2] if len(inputs) > 2 else None, float("inf"))
+        out = emit(bb, inputs[0], lo, hi) if lo is not None and hi is not None else None
+        return out if out is not None else original_v13.__func__(cls, bb, inputs, attr, params)
+
+    clip._impl_v1, clip._impl_v13 = impl_v1, impl_v13
+    try:
+        yield
+    finally:
+        clip._impl_v1, clip._impl_v13 = original_v1, original_v13
+
+
 def to_relax(graph: Graph) -> "tvm.IRModule":
     """Import a prepared Graph into a Relax IRModule ("main" takes graph.inputs in order), with
     weights bound as constants and folded."""
@@ -366,7 +416,7 @@ def to_relax(graph: Graph) -> "tvm.IRModule":
     dtype_dict = {s.name: s.dtype for s in graph.inputs}
     log = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(log):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(log), _clip_as_relax_op():
             warnings.simplefilter("ignore")
             mod = from_onnx(graph.proto, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
     except (tvm.error.OpNotImplemented, NotImplementedError) as err:

@@ -1,4 +1,10 @@
-/* accelkit compute kernels: plain C, no TVM headers. Row-major, contiguous float32. */
+/* accelkit compute kernels: plain C, no TVM headers. Row-major float32.
+ *
+ * One GEMM core serves dense, batched matmul and convolution: C = epilogue(scale * A @ B), where
+ * B is consumed in panels of AK_NR columns (packed once at compile time for constant weights,
+ * packed per call for activations and im2col). The epilogue (bias, residual, activation) runs on
+ * the accumulators before the single store. Parallel loops go through one pool per process
+ * (TVM's, see ak_set_parallel_launch), never a second one. */
 #ifndef AK_KERNELS_H_
 #define AK_KERNELS_H_
 #include <stdint.h>
@@ -6,11 +12,112 @@
 extern "C" {
 #endif
 
-typedef enum { AK_ACT_NONE = 0, AK_ACT_RELU = 1 } ak_activation;
+#define AK_NR 32 /* columns per packed B panel */
+#define AK_MR 8  /* rows per micro-tile */
 
-/* out[M,N] = act(x[M,K] @ w[K,N] + bias[N]); bias may be NULL. */
-void ak_dense_f32(const float* x, const float* w, const float* bias, float* out,
-                  int64_t M, int64_t N, int64_t K, ak_activation act);
+typedef enum {
+  AK_ACT_NONE = 0,
+  AK_ACT_RELU = 1,
+  AK_ACT_CLIP = 2, /* min(max(x, lo), hi), e.g. relu6 */
+  AK_ACT_GELU_ERF = 3,
+  AK_ACT_GELU_TANH = 4,
+  AK_ACT_SILU = 5,
+  AK_ACT_SIGMOID = 6,
+  AK_ACT_COUNT_ = 7
+} ak_activation;
+
+typedef enum { AK_BIAS_NONE = 0, AK_BIAS_COL = 1, AK_BIAS_ROW = 2 } ak_bias_mode;
+typedef enum { AK_RES_NONE = 0, AK_RES_PRE_ACT = 1, AK_RES_POST_ACT = 2 } ak_res_mode;
+
+typedef struct {
+  int act;          /* ak_activation */
+  float lo, hi;     /* AK_ACT_CLIP bounds */
+  float scale;      /* multiplies A @ B before the bias */
+  int bias_mode;    /* ak_bias_mode: bias[n] or bias[m] */
+  int res_mode;     /* ak_res_mode */
+} ak_epilogue;
+
+/* Convolution geometry (NCHW input of one image, OIHW weight). */
+typedef struct {
+  int64_t C, H, W;          /* input channels (per group), height, width */
+  int64_t KH, KW, OH, OW;
+  int64_t SH, SW, PH, PW, DH, DW;
+} ak_conv_geom;
+
+typedef struct ak_gemm ak_gemm;
+/* Fills dst[K][AK_NR] with columns [n0, n0 + AK_NR) of batch b's B (zeros past N). */
+typedef void (*ak_pack_fn)(const ak_gemm* g, int64_t b, int64_t n0, float* dst);
+
+struct ak_gemm {
+  int64_t batch, M, N, K;
+  const float* a; int64_t lda, a_bstride;           /* A[b][m][k] = a[b*a_bstride + m*lda + k] */
+  const float* b; int64_t ldb, b_bstride;           /* B[b][k][n] = b[b*b_bstride + k*ldb + n] */
+  int b_prepacked;                                  /* b is [batch][ceil(N/NR)][K][NR] */
+  ak_pack_fn pack;                                  /* NULL: plain row-major B (above) */
+  const ak_conv_geom* conv;                         /* for the im2col packer */
+  float* c; int64_t ldc, c_bstride;
+  const float* bias; int64_t bias_bstride;
+  const float* res; int64_t ldr, r_bstride;
+  ak_epilogue epi;
+};
+
+/* Runs a GEMM description (validated by the caller), in parallel. */
+void ak_gemm_f32(const ak_gemm* g);
+
+/* Packs a constant B[K][N] (row-major, or transposed: B given as [N][K]) into panels. dst has
+ * ceil(N/NR)*K*NR floats. */
+void ak_pack_b_f32(const float* b, int64_t K, int64_t N, int transposed, float* dst);
+
+/* out = epilogue(conv2d(x, w)) for n images, NCHW/OIHW, groups >= 1 (GEMM per group). */
+void ak_conv2d_f32(const float* x, const float* w, const float* bias, const float* res,
+                   float* out, int64_t n, int64_t groups, const ak_conv_geom* g, int64_t cout,
+                   ak_epilogue epi);
+
+/* Depthwise conv (groups == channels == Cout, g->C == 1): direct, per channel. */
+void ak_depthwise_f32(const float* x, const float* w, const float* bias, const float* res,
+                      float* out, int64_t n, int64_t channels, const ak_conv_geom* g,
+                      ak_epilogue epi);
+
+/* out[r] = (x[r] - mean) / sqrt(var + eps) * gamma + beta over rows of length D. */
+void ak_layer_norm_f32(const float* x, const float* gamma, const float* beta, float* out,
+                       int64_t rows, int64_t D, float eps);
+
+/* out[r] = softmax(x[r]) over rows of length D. */
+void ak_softmax_f32(const float* x, float* out, int64_t rows, int64_t D);
+
+/* Threading: the parallel-launch function of the process's pool (TVM's
+ * TVMBackendParallelLaunch); NULL runs serially. */
+typedef struct { void* sync_handle; int32_t num_task; } ak_parallel_env;
+typedef int (*ak_parallel_lambda)(int task_id, ak_parallel_env* penv, void* cdata);
+typedef int (*ak_parallel_launch_fn)(ak_parallel_lambda f, void* cdata, int num_task);
+void ak_set_parallel_launch(ak_parallel_launch_fn fn, int num_threads);
+int ak_num_threads(void);
+/* Splits [0, n) into one contiguous range per pool thread and runs body on each. */
+void ak_parallel_range(void (*body)(int64_t begin, int64_t end, void* ctx), void* ctx, int64_t n);
+
+/* Micro-kernels and row epilogues, one set per instruction set (internal). */
+typedef void (*ak_ukr_fn)(int mr, int64_t K, const float* a, int64_t lda, const float* bp,
+                          float* c, int64_t ldc, int nv, const float* bias_col,
+                          const float* bias_row, const float* res, int64_t ldr,
+                          const ak_epilogue* epi);
+/* dst[i] = epilogue(src[i]) for a row of n values with one scalar bias (depthwise conv). */
+typedef void (*ak_row_epi_fn)(float* dst, const float* src, int64_t n, float bias,
+                              const float* res, const ak_epilogue* epi);
+typedef void (*ak_rows_fn)(const float* x, const float* gamma, const float* beta, float* out,
+                           int64_t D, float eps);
+typedef struct {
+  ak_ukr_fn ukr;
+  ak_row_epi_fn row_epi;
+  ak_rows_fn layer_norm_row;
+  ak_rows_fn softmax_row; /* gamma/beta/eps unused */
+} ak_isa_table;
+extern const ak_isa_table ak_portable_table;
+extern const ak_isa_table ak_avx512_table;
+const ak_isa_table* ak_table(void);
+
+/* Instruction set in use: 1 = AVX-512, 0 = portable. */
+int ak_isa(void);
+extern int ak_force_portable;
 
 #ifdef __cplusplus
 }

@@ -1,95 +1,332 @@
-/* TVM-FFI glue: destination-passing safe_call wrappers that check every tensor (dtype, rank,
- * shape, device, contiguity) before touching memory, and register them as global functions
- * `accelkit.cpu.<kernel>` callable from R.call_dps_packed. The only file that sees TVM headers. */
+/* TVM-FFI glue: destination-passing safe_call wrappers that check every argument (dtype, rank,
+ * shape, device, contiguity, attribute ranges) before touching memory, and register them as
+ * global functions `accelkit.cpu.<kernel>` callable from R.call_dps_packed. The only file that
+ * sees TVM headers. An "absent" optional tensor (bias, residual) is passed as a 0-element one. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <tvm/ffi/c_api.h>
 #include "ak_kernels.h"
 
-extern int ak_force_portable;
+typedef struct {
+  const char* kernel;
+  const TVMFFIAny* args;
+  int32_t num_args;
+} ak_call;
 
-static DLTensor* ak_arg_tensor(const TVMFFIAny* a) {
+static int ak_fail(const ak_call* c, const char* kind, const char* fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+#include <stdarg.h>
+static int ak_fail(const ak_call* c, const char* kind, const char* fmt, ...) {
+  char detail[400], msg[512];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(detail, sizeof(detail), fmt, ap);
+  va_end(ap);
+  snprintf(msg, sizeof(msg), "accelkit kernel %s: %s", c->kernel, detail);
+  TVMFFIErrorSetRaisedFromCStr(kind, msg);
+  return -1;
+}
+
+static DLTensor* ak_tensor_or_null(const TVMFFIAny* a) {
   if (a->type_index == kTVMFFIDLTensorPtr) return (DLTensor*)a->v_ptr;
   if (a->type_index == kTVMFFITensor) /* object layout: {TVMFFIObject header, DLTensor, ...} */
     return (DLTensor*)((char*)a->v_obj + sizeof(TVMFFIObject));
   return NULL;
 }
 
-static int ak_fail(const char* kind, const char* kernel, const char* fmt, const char* what,
-                   long long a, long long b) {
-  char msg[512];
-  char detail[384];
-  snprintf(detail, sizeof(detail), fmt, what, a, b);
-  snprintf(msg, sizeof(msg), "accelkit kernel %s: %s", kernel, detail);
-  TVMFFIErrorSetRaisedFromCStr(kind, msg);
-  return -1;
+static int64_t ak_numel(const DLTensor* t) {
+  int64_t n = 1;
+  for (int i = 0; i < t->ndim; ++i) n *= t->shape[i];
+  return n;
 }
 
-/* 0 if t is a contiguous float32 CPU tensor of rank ndim, else raises and returns -1. */
-static int ak_check_f32(const char* kernel, const char* what, const DLTensor* t, int ndim) {
-  if (t->device.device_type != kDLCPU)
-    return ak_fail("ValueError", kernel, "%s must be on the CPU (device type %lld)", what,
-                   (long long)t->device.device_type, 0);
-  if (t->dtype.code != kDLFloat || t->dtype.bits != 32 || t->dtype.lanes != 1)
-    return ak_fail("TypeError", kernel, "%s must be float32 (got dtype code %lld, %lld bits)",
-                   what, t->dtype.code, t->dtype.bits);
-  if (t->ndim != ndim)
-    return ak_fail("ValueError", kernel, "%s must have rank %lld (got %lld)", what, ndim,
-                   t->ndim);
-  if (t->data == NULL)
-    return ak_fail("ValueError", kernel, "%s has no data%s", what, 0, 0);
+/* A contiguous float32 CPU tensor with rank in [rmin, rmax]; NULL after raising otherwise. */
+static DLTensor* ak_f32(const ak_call* c, int i, const char* what, int rmin, int rmax) {
+  DLTensor* t = ak_tensor_or_null(&c->args[i]);
+  if (!t) {
+    ak_fail(c, "TypeError", "argument %d (%s) must be a tensor (type index %d)", i, what,
+            (int)c->args[i].type_index);
+    return NULL;
+  }
+  if (t->device.device_type != kDLCPU) {
+    ak_fail(c, "ValueError", "%s must be on the CPU (device type %d)", what,
+            (int)t->device.device_type);
+    return NULL;
+  }
+  if (t->dtype.code != kDLFloat || t->dtype.bits != 32 || t->dtype.lanes != 1) {
+    ak_fail(c, "TypeError", "%s must be float32 (got dtype code %d, %d bits)", what,
+            (int)t->dtype.code, (int)t->dtype.bits);
+    return NULL;
+  }
+  if (t->ndim < rmin || t->ndim > rmax) {
+    ak_fail(c, "ValueError", "%s must have rank %d..%d (got %d)", what, rmin, rmax, (int)t->ndim);
+    return NULL;
+  }
+  if (ak_numel(t) > 0 && t->data == NULL) {
+    ak_fail(c, "ValueError", "%s has no data", what);
+    return NULL;
+  }
   if (t->strides) {
     int64_t expect = 1;
-    for (int i = ndim - 1; i >= 0; --i) {
-      if (t->shape[i] != 1 && t->strides[i] != expect)
-        return ak_fail("ValueError", kernel, "%s must be contiguous (dim %lld has stride %lld)",
-                       what, i, t->strides[i]);
-      expect *= t->shape[i];
+    for (int d = t->ndim - 1; d >= 0; --d) {
+      if (t->shape[d] != 1 && t->strides[d] != expect) {
+        ak_fail(c, "ValueError", "%s must be contiguous (dim %d has stride %lld)", what, d,
+                (long long)t->strides[d]);
+        return NULL;
+      }
+      expect *= t->shape[d];
     }
   }
+  return t;
+}
+
+static int ak_int(const ak_call* c, int i, const char* what, int64_t lo, int64_t hi, int64_t* out) {
+  const TVMFFIAny* a = &c->args[i];
+  if (a->type_index != kTVMFFIInt && a->type_index != kTVMFFIBool)
+    return ak_fail(c, "TypeError", "argument %d (%s) must be an int (type index %d)", i, what,
+                   (int)a->type_index);
+  if (a->v_int64 < lo || a->v_int64 > hi)
+    return ak_fail(c, "ValueError", "%s=%lld is out of range [%lld, %lld]", what,
+                   (long long)a->v_int64, (long long)lo, (long long)hi);
+  *out = a->v_int64;
+  return 0;
+}
+
+static int ak_float(const ak_call* c, int i, const char* what, float* out) {
+  const TVMFFIAny* a = &c->args[i];
+  if (a->type_index == kTVMFFIFloat) *out = (float)a->v_float64;
+  else if (a->type_index == kTVMFFIInt) *out = (float)a->v_int64;
+  else
+    return ak_fail(c, "TypeError", "argument %d (%s) must be a float (type index %d)", i, what,
+                   (int)a->type_index);
   return 0;
 }
 
 #define AK_DATA(t) ((float*)((char*)(t)->data + (t)->byte_offset))
+#define AK_OPT(t) (ak_numel(t) > 0 ? AK_DATA(t) : NULL)
+#define AK_TRY(e) do { if ((e) != 0) return -1; } while (0)
+#define AK_NEED(t) do { if ((t) == NULL) return -1; } while (0)
 
-/* (x[M,K], w[K,N], bias[N], out[M,N]) */
-static int ak_dense_bias_generic(const char* kernel, ak_activation act, const TVMFFIAny* args,
-                                 int32_t num_args) {
-  if (num_args != 4)
-    return ak_fail("TypeError", kernel, "%s: expected 4 arguments (x, w, bias, out), got %lld",
-                   "call", num_args, 0);
-  DLTensor* t[4];
-  static const char* names[4] = {"x", "w", "bias", "out"};
-  static const int ranks[4] = {2, 2, 1, 2};
-  for (int i = 0; i < 4; ++i) {
-    t[i] = ak_arg_tensor(&args[i]);
-    if (!t[i])
-      return ak_fail("TypeError", kernel, "argument %s must be a tensor (type index %lld)",
-                     names[i], args[i].type_index, 0);
-    if (ak_check_f32(kernel, names[i], t[i], ranks[i])) return -1;
-  }
-  const int64_t M = t[0]->shape[0], K = t[0]->shape[1], N = t[1]->shape[1];
-  if (t[1]->shape[0] != K)
-    return ak_fail("ValueError", kernel, "%s: x has K=%lld but w has %lld rows", "shape", K,
-                   t[1]->shape[0]);
-  if (t[2]->shape[0] != N)
-    return ak_fail("ValueError", kernel, "%s: bias has %lld elements, expected N=%lld", "shape",
-                   t[2]->shape[0], N);
-  if (t[3]->shape[0] != M || t[3]->shape[1] != N)
-    return ak_fail("ValueError", kernel, "%s: out must be [%lld, %lld]", "shape", M, N);
-  ak_dense_f32(AK_DATA(t[0]), AK_DATA(t[1]), AK_DATA(t[2]), AK_DATA(t[3]), M, N, K, act);
+static int ak_nargs(const ak_call* c, int n, const char* sig) {
+  if (c->num_args != n)
+    return ak_fail(c, "TypeError", "expected %d arguments (%s), got %d", n, sig, (int)c->num_args);
   return 0;
 }
 
-static int ak_dense_bias(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
-  (void)self; (void)result;
-  return ak_dense_bias_generic("accelkit.cpu.dense_bias", AK_ACT_NONE, args, n);
+static int ak_same_shape(const ak_call* c, const DLTensor* t, const DLTensor* ref,
+                         const char* what, const char* refname) {
+  if (t->ndim != ref->ndim)
+    return ak_fail(c, "ValueError", "%s must have the shape of %s (rank %d vs %d)", what,
+                   refname, (int)t->ndim, (int)ref->ndim);
+  for (int d = 0; d < t->ndim; ++d)
+    if (t->shape[d] != ref->shape[d])
+      return ak_fail(c, "ValueError", "%s must have the shape of %s (dim %d: %lld vs %lld)",
+                     what, refname, d, (long long)t->shape[d], (long long)ref->shape[d]);
+  return 0;
 }
 
-static int ak_dense_bias_relu(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
+/* Reads (act, res_mode, lo, hi, scale) starting at argument i. */
+static int ak_epi(const ak_call* c, int i, ak_epilogue* e) {
+  int64_t act, res_mode;
+  memset(e, 0, sizeof(*e));
+  AK_TRY(ak_int(c, i, "act", 0, AK_ACT_COUNT_ - 1, &act));
+  AK_TRY(ak_int(c, i + 1, "res_mode", 0, 2, &res_mode));
+  AK_TRY(ak_float(c, i + 2, "lo", &e->lo));
+  AK_TRY(ak_float(c, i + 3, "hi", &e->hi));
+  AK_TRY(ak_float(c, i + 4, "scale", &e->scale));
+  e->act = (int)act;
+  e->res_mode = (int)res_mode;
+  return 0;
+}
+
+/* dense(x[..., K], wp[P, K, NR], bias[N] | [0], res[..., N] | [0], N, act, res_mode, lo, hi,
+ *       scale, out[..., N]): out = epilogue(x @ W + bias), W packed by ak_pack_b_f32. */
+static int ak_dense(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
   (void)self; (void)result;
-  return ak_dense_bias_generic("accelkit.cpu.dense_bias_relu", AK_ACT_RELU, args, n);
+  ak_call c = {"accelkit.cpu.dense", args, n};
+  AK_TRY(ak_nargs(&c, 11, "x, w_packed, bias, res, N, act, res_mode, lo, hi, scale, out"));
+  DLTensor *x, *w, *bias, *res, *out;
+  AK_NEED(x = ak_f32(&c, 0, "x", 1, 8));
+  AK_NEED(w = ak_f32(&c, 1, "w_packed", 3, 3));
+  AK_NEED(bias = ak_f32(&c, 2, "bias", 1, 1));
+  AK_NEED(res = ak_f32(&c, 3, "res", 1, 8));
+  AK_NEED(out = ak_f32(&c, 10, "out", 1, 8));
+  int64_t N;
+  ak_epilogue e;
+  AK_TRY(ak_int(&c, 4, "N", 1, (int64_t)1 << 40, &N));
+  AK_TRY(ak_epi(&c, 5, &e));
+  const int64_t K = x->shape[x->ndim - 1];
+  if (w->shape[0] != (N + AK_NR - 1) / AK_NR || w->shape[1] != K || w->shape[2] != AK_NR)
+    return ak_fail(&c, "ValueError", "w_packed must be [%lld, %lld, %d] for K=%lld, N=%lld "
+                   "(got [%lld, %lld, %lld])", (long long)((N + AK_NR - 1) / AK_NR),
+                   (long long)K, AK_NR, (long long)K, (long long)N, (long long)w->shape[0],
+                   (long long)w->shape[1], (long long)w->shape[2]);
+  if (out->ndim != x->ndim || out->shape[out->ndim - 1] != N)
+    return ak_fail(&c, "ValueError", "out must be x's shape with last dim N=%lld", (long long)N);
+  for (int d = 0; d + 1 < x->ndim; ++d)
+    if (out->shape[d] != x->shape[d])
+      return ak_fail(&c, "ValueError", "out dim %d is %lld, x has %lld", d,
+                     (long long)out->shape[d], (long long)x->shape[d]);
+  if (ak_numel(bias) != 0 && ak_numel(bias) != N)
+    return ak_fail(&c, "ValueError", "bias must have N=%lld elements (got %lld)", (long long)N,
+                   (long long)ak_numel(bias));
+  if (e.res_mode != AK_RES_NONE) AK_TRY(ak_same_shape(&c, res, out, "res", "out"));
+  ak_gemm g;
+  memset(&g, 0, sizeof(g));
+  g.batch = 1; g.M = ak_numel(x) / (K ? K : 1); g.N = N; g.K = K;
+  if (K == 0) g.M = ak_numel(out) / N;
+  g.a = AK_DATA(x); g.lda = K;
+  g.b = AK_DATA(w); g.b_prepacked = 1;
+  g.c = AK_DATA(out); g.ldc = N;
+  g.bias = AK_OPT(bias);
+  g.res = e.res_mode ? AK_DATA(res) : NULL; g.ldr = N;
+  g.epi = e;
+  g.epi.bias_mode = g.bias ? AK_BIAS_COL : AK_BIAS_NONE;
+  ak_gemm_f32(&g);
+  return 0;
+}
+
+static void pack_transposed(const ak_gemm* g, int64_t bi, int64_t n0, float* dst) {
+  /* B[k][n] = b[n][k]: b is [N, K] row-major per batch */
+  const float* src = g->b + bi * g->b_bstride;
+  const int64_t nv = g->N - n0 < AK_NR ? g->N - n0 : AK_NR;
+  for (int64_t j = 0; j < nv; ++j) {
+    const float* s = src + (n0 + j) * g->ldb;
+    for (int64_t k = 0; k < g->K; ++k) dst[k * AK_NR + j] = s[k];
+  }
+  if (nv < AK_NR)
+    for (int64_t k = 0; k < g->K; ++k)
+      memset(dst + k * AK_NR + nv, 0, (size_t)(AK_NR - nv) * sizeof(float));
+}
+
+/* bmm(a[..., M, K], b[..., K, N] (or [..., N, K] with trans_b), res | [0], trans_b, scale,
+ *     out[..., M, N]); b's batch is a's or 1 (broadcast). */
+static int ak_bmm(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
+  (void)self; (void)result;
+  ak_call c = {"accelkit.cpu.bmm", args, n};
+  AK_TRY(ak_nargs(&c, 6, "a, b, res, trans_b, scale, out"));
+  DLTensor *a, *b, *res, *out;
+  AK_NEED(a = ak_f32(&c, 0, "a", 2, 8));
+  AK_NEED(b = ak_f32(&c, 1, "b", 2, 8));
+  AK_NEED(res = ak_f32(&c, 2, "res", 1, 8));
+  AK_NEED(out = ak_f32(&c, 5, "out", 2, 8));
+  int64_t trans_b;
+  float scale;
+  AK_TRY(ak_int(&c, 3, "trans_b", 0, 1, &trans_b));
+  AK_TRY(ak_float(&c, 4, "scale", &scale));
+  const int64_t M = a->shape[a->ndim - 2], K = a->shape[a->ndim - 1];
+  const int64_t bK = b->shape[b->ndim - (trans_b ? 1 : 2)];
+  const int64_t N = b->shape[b->ndim - (trans_b ? 2 : 1)];
+  if (bK != K)
+    return ak_fail(&c, "ValueError", "a has K=%lld but b has %lld", (long long)K, (long long)bK);
+  const int64_t batch = ak_numel(a) / (M * K > 0 ? M * K : 1);
+  const int64_t bbatch = ak_numel(b) / (K * N > 0 ? K * N : 1);
+  if (bbatch != batch && bbatch != 1)
+    return ak_fail(&c, "ValueError", "b's batch (%lld) must be a's (%lld) or 1",
+                   (long long)bbatch, (long long)batch);
+  if (out->ndim != a->ndim || out->shape[out->ndim - 2] != M || out->shape[out->ndim - 1] != N ||
+      ak_numel(out) != batch * M * N)
+    return ak_fail(&c, "ValueError", "out must be [..., %lld, %lld] with a's batch",
+                   (long long)M, (long long)N);
+  const int has_res = ak_numel(res) > 0;
+  if (has_res) AK_TRY(ak_same_shape(&c, res, out, "res", "out"));
+  if (M == 0 || N == 0 || batch == 0) return 0;
+  ak_gemm g;
+  memset(&g, 0, sizeof(g));
+  g.batch = batch; g.M = M; g.N = N; g.K = K;
+  g.a = AK_DATA(a); g.lda = K; g.a_bstride = M * K;
+  g.b = AK_DATA(b); g.ldb = trans_b ? K : N; g.b_bstride = bbatch == 1 ? 0 : K * N;
+  g.pack = trans_b ? pack_transposed : NULL;
+  g.c = AK_DATA(out); g.ldc = N; g.c_bstride = M * N;
+  g.res = has_res ? AK_DATA(res) : NULL; g.ldr = N; g.r_bstride = M * N;
+  g.epi.scale = scale;
+  g.epi.res_mode = has_res ? AK_RES_POST_ACT : AK_RES_NONE;
+  ak_gemm_f32(&g);
+  return 0;
+}
+
+/* conv2d(x[N, C, H, W], w[Cout, C/groups, KH, KW], bias[Cout] | [0], res | [0], groups, SH, SW,
+ *        PH, PW, DH, DW, act, res_mode, lo, hi, scale, out[N, Cout, OH, OW]); PH/PW are the
+ *        top/left pads (the bottom/right ones follow from OH/OW; reads outside are zeros). */
+static int ak_conv2d(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
+  (void)self; (void)result;
+  ak_call c = {"accelkit.cpu.conv2d", args, n};
+  AK_TRY(ak_nargs(&c, 17, "x, w, bias, res, groups, SH, SW, PH, PW, DH, DW, act, res_mode, lo, "
+                          "hi, scale, out"));
+  DLTensor *x, *w, *bias, *res, *out;
+  AK_NEED(x = ak_f32(&c, 0, "x", 4, 4));
+  AK_NEED(w = ak_f32(&c, 1, "w", 4, 4));
+  AK_NEED(bias = ak_f32(&c, 2, "bias", 1, 1));
+  AK_NEED(res = ak_f32(&c, 3, "res", 1, 4));
+  AK_NEED(out = ak_f32(&c, 16, "out", 4, 4));
+  int64_t groups, v[6];
+  static const char* names[6] = {"stride_h", "stride_w", "pad_top", "pad_left", "dilation_h",
+                                 "dilation_w"};
+  AK_TRY(ak_int(&c, 4, "groups", 1, 1 << 20, &groups));
+  for (int i = 0; i < 6; ++i)
+    AK_TRY(ak_int(&c, 5 + i, names[i], (i == 2 || i == 3) ? 0 : 1, 1 << 20, &v[i]));
+  ak_epilogue e;
+  AK_TRY(ak_epi(&c, 11, &e));
+  const int64_t N = x->shape[0], C = x->shape[1], cout = w->shape[0];
+  if (C % groups || cout % groups || w->shape[1] != C / groups)
+    return ak_fail(&c, "ValueError", "w [%lld, %lld, ...] does not fit %lld input channels in "
+                   "%lld groups", (long long)cout, (long long)w->shape[1], (long long)C,
+                   (long long)groups);
+  if (out->shape[0] != N || out->shape[1] != cout)
+    return ak_fail(&c, "ValueError", "out must be [%lld, %lld, OH, OW]", (long long)N,
+                   (long long)cout);
+  if (ak_numel(bias) != 0 && ak_numel(bias) != cout)
+    return ak_fail(&c, "ValueError", "bias must have %lld elements", (long long)cout);
+  if (e.res_mode != AK_RES_NONE) AK_TRY(ak_same_shape(&c, res, out, "res", "out"));
+  ak_conv_geom g = {C / groups, x->shape[2], x->shape[3], w->shape[2], w->shape[3],
+                    out->shape[2], out->shape[3], v[0], v[1], v[2], v[3], v[4], v[5]};
+  if (ak_numel(out) == 0) return 0;
+  const float* b = AK_OPT(bias);
+  const float* r = e.res_mode ? AK_DATA(res) : NULL;
+  if (groups == C && groups == cout && groups > 1)
+    ak_depthwise_f32(AK_DATA(x), AK_DATA(w), b, r, AK_DATA(out), N, C, &g, e);
+  else
+    ak_conv2d_f32(AK_DATA(x), AK_DATA(w), b, r, AK_DATA(out), N, groups, &g, cout, e);
+  return 0;
+}
+
+/* layer_norm(x[..., D], gamma[D], beta[D] | [0], eps, out) over the last axis. */
+static int ak_layer_norm(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
+  (void)self; (void)result;
+  ak_call c = {"accelkit.cpu.layer_norm", args, n};
+  AK_TRY(ak_nargs(&c, 5, "x, gamma, beta, eps, out"));
+  DLTensor *x, *gamma, *beta, *out;
+  AK_NEED(x = ak_f32(&c, 0, "x", 1, 8));
+  AK_NEED(gamma = ak_f32(&c, 1, "gamma", 1, 1));
+  AK_NEED(beta = ak_f32(&c, 2, "beta", 1, 1));
+  AK_NEED(out = ak_f32(&c, 4, "out", 1, 8));
+  float eps;
+  AK_TRY(ak_float(&c, 3, "eps", &eps));
+  AK_TRY(ak_same_shape(&c, out, x, "out", "x"));
+  const int64_t D = x->shape[x->ndim - 1];
+  if (ak_numel(gamma) != D || (ak_numel(beta) != 0 && ak_numel(beta) != D))
+    return ak_fail(&c, "ValueError", "gamma/beta must have D=%lld elements", (long long)D);
+  if (D == 0) return 0;
+  ak_layer_norm_f32(AK_DATA(x), AK_DATA(gamma), AK_OPT(beta), AK_DATA(out), ak_numel(x) / D, D,
+                    eps);
+  return 0;
+}
+
+/* softmax(x[..., D], out) over the last axis. */
+static int ak_softmax(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
+  (void)self; (void)result;
+  ak_call c = {"accelkit.cpu.softmax", args, n};
+  AK_TRY(ak_nargs(&c, 2, "x, out"));
+  DLTensor *x, *out;
+  AK_NEED(x = ak_f32(&c, 0, "x", 1, 8));
+  AK_NEED(out = ak_f32(&c, 1, "out", 1, 8));
+  AK_TRY(ak_same_shape(&c, out, x, "out", "x"));
+  const int64_t D = x->shape[x->ndim - 1];
+  if (D == 0) return 0;
+  ak_softmax_f32(AK_DATA(x), AK_DATA(out), ak_numel(x) / D, D);
+  return 0;
 }
 
 static int ak_register_one(const char* name, TVMFFISafeCallType fn) {
@@ -103,9 +340,16 @@ static int ak_register_one(const char* name, TVMFFISafeCallType fn) {
 
 /* Registers every kernel; returns the number registered, or -1. */
 int ak_register_all(void) {
+  static const struct { const char* name; TVMFFISafeCallType fn; } table[] = {
+      {"accelkit.cpu.dense", ak_dense},
+      {"accelkit.cpu.bmm", ak_bmm},
+      {"accelkit.cpu.conv2d", ak_conv2d},
+      {"accelkit.cpu.layer_norm", ak_layer_norm},
+      {"accelkit.cpu.softmax", ak_softmax},
+  };
   const char* portable = getenv("ACCELKIT_PORTABLE_KERNELS");
   ak_force_portable = portable != NULL && portable[0] != '\0' && strcmp(portable, "0") != 0;
-  if (ak_register_one("accelkit.cpu.dense_bias", ak_dense_bias)) return -1;
-  if (ak_register_one("accelkit.cpu.dense_bias_relu", ak_dense_bias_relu)) return -1;
-  return 2;
+  for (size_t i = 0; i < sizeof(table) / sizeof(table[0]); ++i)
+    if (ak_register_one(table[i].name, table[i].fn)) return -1;
+  return (int)(sizeof(table) / sizeof(table[0]));
 }

@@ -1,0 +1,195 @@
+/* AVX-512 micro-kernel (AK_MR x AK_NR = 8 x 32 accumulators in 16 zmm registers), vector
+ * epilogues (exp/erf/sigmoid in registers) and row kernels. Only called after ak_isa() checked
+ * the CPU; the whole file is compiled for AVX-512F. */
+#pragma GCC target("avx512f,avx2,fma")
+#include <immintrin.h>
+#include <math.h>
+#include "ak_kernels.h"
+
+#define AK_INLINE static inline __attribute__((always_inline))
+
+/* exp(x), |rel err| < 2e-7 on [-87, 88]: 2^n * p(r), r = x - n ln2, degree-7 Taylor. */
+AK_INLINE __m512 v_exp(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)),
+                    _mm512_set1_ps(-87.3365447505531f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040.f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+AK_INLINE __m512 v_sigmoid(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, v_exp(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+/* erf(x) via erfc(|x|) = t exp(-z^2 + P(t)), t = 1/(1 + z/2) (Numerical Recipes erfcc,
+ * fractional error < 1.2e-7). */
+AK_INLINE __m512 v_erf(__m512 x) {
+  const __m512 z = _mm512_abs_ps(x);
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f),
+                                 _mm512_fmadd_ps(z, _mm512_set1_ps(0.5f), _mm512_set1_ps(1.f)));
+  __m512 p = _mm512_set1_ps(0.17087277f);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.82215223f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.48851587f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.13520398f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.27886807f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.18628806f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.09678418f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.37409196f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.00002368f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.26551223f));
+  p = _mm512_fnmadd_ps(z, z, p);
+  const __m512 erfc = _mm512_mul_ps(t, v_exp(p));
+  const __m512 e = _mm512_sub_ps(_mm512_set1_ps(1.f), erfc);
+  const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+  return _mm512_mask_sub_ps(e, neg, _mm512_setzero_ps(), e);
+}
+
+AK_INLINE __m512 v_act(__m512 v, const ak_epilogue* e) {
+  switch (e->act) {
+    case AK_ACT_RELU: return _mm512_max_ps(v, _mm512_setzero_ps());
+    case AK_ACT_CLIP:
+      return _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(e->lo)), _mm512_set1_ps(e->hi));
+    case AK_ACT_GELU_ERF: {
+      const __m512 h = _mm512_mul_ps(v, _mm512_set1_ps(0.5f));
+      return _mm512_fmadd_ps(h, v_erf(_mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f))), h);
+    }
+    case AK_ACT_GELU_TANH: {  /* 0.5x(1 + tanh(u)) = x * sigmoid(2u) */
+      const __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+      const __m512 u = _mm512_mul_ps(_mm512_fmadd_ps(v3, _mm512_set1_ps(0.044715f), v),
+                                     _mm512_set1_ps(2.f * 0.7978845608028654f));
+      return _mm512_mul_ps(v, v_sigmoid(u));
+    }
+    case AK_ACT_SILU: return _mm512_mul_ps(v, v_sigmoid(v));
+    case AK_ACT_SIGMOID: return v_sigmoid(v);
+    default: return v;
+  }
+}
+
+AK_INLINE __m512 v_epi(__m512 v, __m512 bias, const float* res, __mmask16 m, const ak_epilogue* e) {
+  v = _mm512_fmadd_ps(v, _mm512_set1_ps(e->scale), bias);
+  if (e->res_mode == AK_RES_PRE_ACT) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, res));
+  v = v_act(v, e);
+  if (e->res_mode == AK_RES_POST_ACT) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, res));
+  return v;
+}
+
+AK_INLINE void ukr_body(const int MR, int64_t K, const float* a, int64_t lda, const float* bp,
+                        float* c, int64_t ldc, int nv, const float* bias_col,
+                        const float* bias_row, const float* res, int64_t ldr,
+                        const ak_epilogue* epi) {
+  __m512 acc0[AK_MR], acc1[AK_MR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+  const float* ar[AK_MR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) ar[i] = a + i * lda;
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 b0 = _mm512_load_ps(bp + k * AK_NR);
+    const __m512 b1 = _mm512_load_ps(bp + k * AK_NR + 16);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(ar[i][k]);
+      acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
+      acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
+    }
+  }
+  const __mmask16 m0 = nv >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nv) - 1u);
+  const __mmask16 m1 = nv >= 32 ? (__mmask16)0xFFFF
+                                : (nv > 16 ? (__mmask16)((1u << (nv - 16)) - 1u) : 0);
+  __m512 bc0 = _mm512_setzero_ps(), bc1 = _mm512_setzero_ps();
+  if (bias_col) {
+    bc0 = _mm512_maskz_loadu_ps(m0, bias_col);
+    bc1 = _mm512_maskz_loadu_ps(m1, bias_col + 16);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    __m512 b0 = bc0, b1 = bc1;
+    if (bias_row) b0 = b1 = _mm512_set1_ps(bias_row[i]);
+    const float* r = res ? res + i * ldr : NULL;
+    _mm512_mask_storeu_ps(c + i * ldc, m0, v_epi(acc0[i], b0, r, m0, epi));
+    if (m1) _mm512_mask_storeu_ps(c + i * ldc + 16, m1, v_epi(acc1[i], b1, r ? r + 16 : r, m1, epi));
+  }
+}
+
+static void ukr_avx512(int mr, int64_t K, const float* a, int64_t lda, const float* bp, float* c,
+                       int64_t ldc, int nv, const float* bias_col, const float* bias_row,
+                       const float* res, int64_t ldr, const ak_epilogue* epi) {
+  switch (mr) {
+#define AK_CASE(n) \
+  case n: ukr_body(n, K, a, lda, bp, c, ldc, nv, bias_col, bias_row, res, ldr, epi); break;
+    AK_CASE(8) AK_CASE(7) AK_CASE(6) AK_CASE(5) AK_CASE(4) AK_CASE(3) AK_CASE(2) AK_CASE(1)
+#undef AK_CASE
+    default: break;
+  }
+}
+
+static void row_epi_avx512(float* dst, const float* src, int64_t n, float bias, const float* res,
+                           const ak_epilogue* epi) {
+  const __m512 b = _mm512_set1_ps(bias);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(m, src + j);
+    _mm512_mask_storeu_ps(dst + j, m, v_epi(v, b, res ? res + j : NULL, m, epi));
+  }
+}
+
+AK_INLINE __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
+
+static void layer_norm_row_avx512(const float* x, const float* gamma, const float* beta,
+                                  float* out, int64_t D, float eps) {
+  __m512 s = _mm512_setzero_ps();
+  for (int64_t j = 0; j < D; j += 16) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(tail_mask(D - j), x + j));
+  const float mean = _mm512_reduce_add_ps(s) / (float)D;
+  const __m512 mv = _mm512_set1_ps(mean);
+  __m512 s2 = _mm512_setzero_ps();
+  for (int64_t j = 0; j < D; j += 16) {
+    const __mmask16 m = tail_mask(D - j);
+    const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, x + j), mv);
+    s2 = _mm512_fmadd_ps(d, d, s2);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / sqrtf(_mm512_reduce_add_ps(s2) / (float)D + eps));
+  for (int64_t j = 0; j < D; j += 16) {
+    const __mmask16 m = tail_mask(D - j);
+    __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + j), mv), inv);
+    if (gamma) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, gamma + j));
+    if (beta) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, beta + j));
+    _mm512_mask_storeu_ps(out + j, m, v);
+  }
+}
+
+static void softmax_row_avx512(const float* x, const float* gamma, const float* beta, float* out,
+                               int64_t D, float eps) {
+  (void)gamma; (void)beta; (void)eps;
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < D; j += 16)
+    mx = _mm512_mask_max_ps(mx, tail_mask(D - j), mx, _mm512_maskz_loadu_ps(tail_mask(D - j), x + j));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 s = _mm512_setzero_ps();
+  for (int64_t j = 0; j < D; j += 16) {
+    const __mmask16 k = tail_mask(D - j);
+    const __m512 e = _mm512_maskz_mov_ps(k, v_exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), m)));
+    s = _mm512_add_ps(s, e);
+    _mm512_mask_storeu_ps(out + j, k, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(s));
+  for (int64_t j = 0; j < D; j += 16) {
+    const __mmask16 k = tail_mask(D - j);
+    _mm512_mask_storeu_ps(out + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, out + j), inv));
+  }
+}
+
+const ak_isa_table ak_avx512_table = {ukr_avx512, row_epi_avx512, layer_norm_row_avx512,
+                                      softmax_row_avx512};

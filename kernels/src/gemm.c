@@ -1,0 +1,319 @@
+/* GEMM driver (panel packing, work split, ISA dispatch), convolution and row kernels on top of
+ * it, and the process's one parallel-for (TVM's thread pool when registered). */
+#include <stdlib.h>
+#include <string.h>
+#include "ak_kernels.h"
+
+int ak_force_portable = 0;
+
+/* ---- ISA dispatch ------------------------------------------------------------------------ */
+
+int ak_isa(void) {
+  if (ak_force_portable) return 0;
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") ? 1 : 0;
+}
+
+const ak_isa_table* ak_table(void) {
+  return ak_isa() ? &ak_avx512_table : &ak_portable_table;
+}
+
+/* ---- threads ----------------------------------------------------------------------------- */
+
+static ak_parallel_launch_fn g_launch = NULL;
+static int g_threads = 1;
+
+void ak_set_parallel_launch(ak_parallel_launch_fn fn, int num_threads) {
+  g_launch = fn;
+  g_threads = num_threads > 0 ? num_threads : 1;
+}
+
+int ak_num_threads(void) { return g_launch ? g_threads : 1; }
+
+typedef struct {
+  void (*body)(int64_t, int64_t, void*);
+  void* ctx;
+  int64_t n;
+} ak_range_job;
+
+static int ak_range_lambda(int task_id, ak_parallel_env* env, void* cdata) {
+  const ak_range_job* job = (const ak_range_job*)cdata;
+  const int64_t nt = env->num_task > 0 ? env->num_task : 1;
+  const int64_t begin = job->n * task_id / nt, end = job->n * (task_id + 1) / nt;
+  if (begin < end) job->body(begin, end, job->ctx);
+  return 0;
+}
+
+void ak_parallel_range(void (*body)(int64_t, int64_t, void*), void* ctx, int64_t n) {
+  if (n <= 0) return;
+  const int threads = ak_num_threads();
+  if (threads <= 1 || n == 1) {
+    body(0, n, ctx);
+    return;
+  }
+  ak_range_job job = {body, ctx, n};
+  g_launch(ak_range_lambda, &job, (int)(threads < n ? threads : n));
+}
+
+/* A per-thread scratch buffer (64-byte aligned), grown on demand, kept for the thread's life. */
+static float* ak_scratch(size_t floats) {
+  static __thread float* buf = NULL;
+  static __thread size_t cap = 0;
+  if (floats > cap) {
+    free(buf);
+    size_t bytes = (floats * sizeof(float) + 63) & ~(size_t)63;
+    buf = (float*)aligned_alloc(64, bytes);
+    cap = buf ? bytes / sizeof(float) : 0;
+  }
+  return buf;
+}
+
+/* ---- packing ----------------------------------------------------------------------------- */
+
+void ak_pack_b_f32(const float* b, int64_t K, int64_t N, int transposed, float* dst) {
+  const int64_t P = (N + AK_NR - 1) / AK_NR;
+  for (int64_t p = 0; p < P; ++p) {
+    float* d = dst + p * K * AK_NR;
+    const int64_t n0 = p * AK_NR, nv = N - n0 < AK_NR ? N - n0 : AK_NR;
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t j = 0; j < nv; ++j)
+        d[k * AK_NR + j] = transposed ? b[(n0 + j) * K + k] : b[k * N + n0 + j];
+      for (int64_t j = nv; j < AK_NR; ++j) d[k * AK_NR + j] = 0.f;
+    }
+  }
+}
+
+static void pack_rowmajor(const ak_gemm* g, int64_t bi, int64_t n0, float* dst) {
+  const float* src = g->b + bi * g->b_bstride + n0;
+  const int64_t nv = g->N - n0 < AK_NR ? g->N - n0 : AK_NR;
+  for (int64_t k = 0; k < g->K; ++k) {
+    float* d = dst + k * AK_NR;
+    memcpy(d, src + k * g->ldb, (size_t)nv * sizeof(float));
+    if (nv < AK_NR) memset(d + nv, 0, (size_t)(AK_NR - nv) * sizeof(float));
+  }
+}
+
+/* im2col straight into a panel: B[(c, ky, kx)][(oy, ox)] = x[c, oy*SH-PH+ky*DH, ox*SW-PW+kx*DW]. */
+static void pack_im2col(const ak_gemm* g, int64_t bi, int64_t n0, float* dst) {
+  const ak_conv_geom* cg = g->conv;
+  const float* x = g->b + bi * g->b_bstride;
+  const int64_t nv = g->N - n0 < AK_NR ? g->N - n0 : AK_NR;
+  int64_t iy0[AK_NR], ix0[AK_NR];
+  int64_t oy = n0 / cg->OW, ox = n0 % cg->OW;
+  for (int64_t j = 0; j < nv; ++j) {
+    iy0[j] = oy * cg->SH - cg->PH;
+    ix0[j] = ox * cg->SW - cg->PW;
+    if (++ox == cg->OW) { ox = 0; ++oy; }
+  }
+  /* one output row segment without padding: plain strided copies */
+  const int one_row = iy0[0] == iy0[nv - 1];
+  for (int64_t c = 0; c < cg->C; ++c) {
+    const float* xc = x + c * cg->H * cg->W;
+    for (int64_t ky = 0; ky < cg->KH; ++ky) {
+      for (int64_t kx = 0; kx < cg->KW; ++kx) {
+        float* d = dst + ((c * cg->KH + ky) * cg->KW + kx) * AK_NR;
+        const int64_t dy = ky * cg->DH, dx = kx * cg->DW;
+        const int64_t iy = iy0[0] + dy, ixa = ix0[0] + dx, ixb = ix0[nv - 1] + dx;
+        if (one_row && iy >= 0 && iy < cg->H && ixa >= 0 && ixb < cg->W) {
+          const float* s = xc + iy * cg->W + ixa;
+          if (cg->SW == 1) memcpy(d, s, (size_t)nv * sizeof(float));
+          else for (int64_t j = 0; j < nv; ++j) d[j] = s[j * cg->SW];
+        } else {
+          for (int64_t j = 0; j < nv; ++j) {
+            const int64_t yy = iy0[j] + dy, xx = ix0[j] + dx;
+            d[j] = (yy >= 0 && yy < cg->H && xx >= 0 && xx < cg->W) ? xc[yy * cg->W + xx] : 0.f;
+          }
+        }
+        for (int64_t j = nv; j < AK_NR; ++j) d[j] = 0.f;
+      }
+    }
+  }
+}
+
+/* ---- GEMM -------------------------------------------------------------------------------- */
+
+typedef struct {
+  const ak_gemm* g;
+  ak_pack_fn pack;
+  ak_ukr_fn ukr;
+  int64_t P, mchunks, mrows;
+} ak_gemm_job;
+
+static void gemm_range(int64_t begin, int64_t end, void* ctx) {
+  const ak_gemm_job* job = (const ak_gemm_job*)ctx;
+  const ak_gemm* g = job->g;
+  float* buf = NULL;
+  int64_t packed = -1;
+  for (int64_t idx = begin; idx < end; ++idx) {
+    const int64_t mc = idx % job->mchunks, bp = idx / job->mchunks;
+    const int64_t p = bp % job->P, bi = bp / job->P;
+    const int64_t n0 = p * AK_NR;
+    const int nv = (int)(g->N - n0 < AK_NR ? g->N - n0 : AK_NR);
+    const float* panel;
+    if (g->b_prepacked) {
+      panel = g->b + bi * g->b_bstride + p * g->K * AK_NR;
+    } else {
+      if (!buf) buf = ak_scratch((size_t)g->K * AK_NR);
+      if (!buf) return; /* out of memory: leave the output as is (caller checked sizes) */
+      if (bp != packed) {
+        job->pack(g, bi, n0, buf);
+        packed = bp;
+      }
+      panel = buf;
+    }
+    const int64_t m_begin = mc * job->mrows;
+    const int64_t m_end = m_begin + job->mrows < g->M ? m_begin + job->mrows : g->M;
+    const float* a = g->a + bi * g->a_bstride;
+    float* c = g->c + bi * g->c_bstride + n0;
+    const float* bias = g->bias ? g->bias + bi * g->bias_bstride : NULL;
+    const float* res = g->res ? g->res + bi * g->r_bstride + n0 : NULL;
+    for (int64_t m0 = m_begin; m0 < m_end; m0 += AK_MR) {
+      const int mr = (int)(m_end - m0 < AK_MR ? m_end - m0 : AK_MR);
+      job->ukr(mr, g->K, a + m0 * g->lda, g->lda, panel, c + m0 * g->ldc, g->ldc, nv,
+               bias && g->epi.bias_mode == AK_BIAS_COL ? bias + n0 : NULL,
+               bias && g->epi.bias_mode == AK_BIAS_ROW ? bias + m0 : NULL,
+               res ? res + m0 * g->ldr : NULL, g->ldr, &g->epi);
+    }
+  }
+}
+
+void ak_gemm_f32(const ak_gemm* g) {
+  if (g->batch <= 0 || g->M <= 0 || g->N <= 0) return;
+  ak_gemm_job job;
+  job.g = g;
+  job.pack = g->pack ? g->pack : pack_rowmajor;
+  job.ukr = ak_table()->ukr;
+  job.P = (g->N + AK_NR - 1) / AK_NR;
+  const int64_t mtiles = (g->M + AK_MR - 1) / AK_MR;
+  const int64_t want = 4 * (int64_t)ak_num_threads(), have = g->batch * job.P;
+  int64_t chunks = have >= want ? 1 : (want + have - 1) / have;
+  if (chunks > mtiles) chunks = mtiles;
+  job.mrows = ((mtiles + chunks - 1) / chunks) * AK_MR;
+  job.mchunks = (g->M + job.mrows - 1) / job.mrows;
+  ak_parallel_range(gemm_range, &job, g->batch * job.P * job.mchunks);
+}
+
+/* ---- convolution ------------------------------------------------------------------------- */
+
+void ak_conv2d_f32(const float* x, const float* w, const float* bias, const float* res,
+                   float* out, int64_t n, int64_t groups, const ak_conv_geom* cg, int64_t cout,
+                   ak_epilogue epi) {
+  const int64_t coutg = cout / groups, K = cg->C * cg->KH * cg->KW, N = cg->OH * cg->OW;
+  const int pointwise = cg->KH == 1 && cg->KW == 1 && cg->SH == 1 && cg->SW == 1 &&
+                        cg->PH == 0 && cg->PW == 0 && cg->OH == cg->H && cg->OW == cg->W;
+  epi.bias_mode = bias ? AK_BIAS_ROW : AK_BIAS_NONE;
+  for (int64_t i = 0; i < n; ++i) {
+    ak_gemm g;
+    memset(&g, 0, sizeof(g));
+    g.batch = groups; g.M = coutg; g.N = N; g.K = K;
+    g.a = w; g.lda = K; g.a_bstride = coutg * K;
+    g.b = x + i * groups * cg->C * cg->H * cg->W; g.ldb = N; g.b_bstride = cg->C * cg->H * cg->W;
+    g.pack = pointwise ? NULL : pack_im2col;
+    g.conv = cg;
+    g.c = out + i * cout * N; g.ldc = N; g.c_bstride = coutg * N;
+    g.bias = bias; g.bias_bstride = coutg;
+    g.res = res ? res + i * cout * N : NULL; g.ldr = N; g.r_bstride = coutg * N;
+    g.epi = epi;
+    ak_gemm_f32(&g);
+  }
+}
+
+typedef struct {
+  const float *x, *w, *bias, *res;
+  float* out;
+  const ak_conv_geom* g;
+  ak_epilogue epi;
+  int64_t C;
+} ak_dw_job;
+
+static inline __attribute__((always_inline)) void depthwise_range(int64_t begin, int64_t end,
+                                                                  void* ctx) {
+  const ak_dw_job* job = (const ak_dw_job*)ctx;
+  const ak_conv_geom* g = job->g;
+  const ak_isa_table* isa = ak_table();
+  /* the padded input plane, so the inner loops have no bounds checks */
+  const int64_t Hp = (g->OH - 1) * g->SH + (g->KH - 1) * g->DH + 1;
+  const int64_t Wp = (g->OW - 1) * g->SW + (g->KW - 1) * g->DW + 1;
+  float* pad = ak_scratch((size_t)(Hp * Wp + g->OW));
+  if (!pad) return;
+  float* row = pad + Hp * Wp;
+  for (int64_t idx = begin; idx < end; ++idx) {
+    const int64_t c = idx % job->C;
+    const float* x = job->x + idx * g->H * g->W;
+    const float* w = job->w + c * g->KH * g->KW;
+    for (int64_t y = 0; y < Hp; ++y) {
+      const int64_t iy = y - g->PH;
+      float* d = pad + y * Wp;
+      if (iy < 0 || iy >= g->H) { memset(d, 0, (size_t)Wp * sizeof(float)); continue; }
+      for (int64_t xx = 0; xx < Wp; ++xx) {
+        const int64_t ix = xx - g->PW;
+        d[xx] = ix >= 0 && ix < g->W ? x[iy * g->W + ix] : 0.f;
+      }
+    }
+    float* o = job->out + idx * g->OH * g->OW;
+    const float* r = job->res ? job->res + idx * g->OH * g->OW : NULL;
+    const float bias = job->bias ? job->bias[c] : 0.f;
+    for (int64_t oy = 0; oy < g->OH; ++oy) {
+      memset(row, 0, (size_t)g->OW * sizeof(float));
+      for (int64_t ky = 0; ky < g->KH; ++ky) {
+        for (int64_t kx = 0; kx < g->KW; ++kx) {
+          const float wv = w[ky * g->KW + kx];
+          const float* s = pad + (oy * g->SH + ky * g->DH) * Wp + kx * g->DW;
+          if (g->SW == 1) for (int64_t ox = 0; ox < g->OW; ++ox) row[ox] += wv * s[ox];
+          else for (int64_t ox = 0; ox < g->OW; ++ox) row[ox] += wv * s[ox * g->SW];
+        }
+      }
+      isa->row_epi(o + oy * g->OW, row, g->OW, bias, r ? r + oy * g->OW : NULL, &job->epi);
+    }
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void depthwise_range_dispatch(int64_t begin, int64_t end, void* ctx) {
+  depthwise_range(begin, end, ctx);
+}
+
+static void depthwise_range_portable(int64_t begin, int64_t end, void* ctx) {
+  depthwise_range(begin, end, ctx);
+}
+
+void ak_depthwise_f32(const float* x, const float* w, const float* bias, const float* res,
+                      float* out, int64_t n, int64_t channels, const ak_conv_geom* g,
+                      ak_epilogue epi) {
+  ak_dw_job job = {x, w, bias, res, out, g, epi, channels};
+  ak_parallel_range(ak_isa() ? depthwise_range_dispatch : depthwise_range_portable, &job,
+                    n * channels);
+}
+
+/* ---- row kernels ------------------------------------------------------------------------- */
+
+typedef struct {
+  const float *x, *gamma, *beta;
+  float* out;
+  int64_t D;
+  float eps;
+  ak_rows_fn fn;
+} ak_rows_job;
+
+static void rows_range(int64_t begin, int64_t end, void* ctx) {
+  const ak_rows_job* job = (const ak_rows_job*)ctx;
+  for (int64_t r = begin; r < end; ++r)
+    job->fn(job->x + r * job->D, job->gamma, job->beta, job->out + r * job->D, job->D, job->eps);
+}
+
+static void run_rows(ak_rows_job* job, int64_t rows) {
+  /* whole rows per task; tiny inputs run on the calling thread */
+  if (rows * job->D < 16384) rows_range(0, rows, job);
+  else ak_parallel_range(rows_range, job, rows);
+}
+
+void ak_layer_norm_f32(const float* x, const float* gamma, const float* beta, float* out,
+                       int64_t rows, int64_t D, float eps) {
+  ak_rows_job job = {x, gamma, beta, out, D, eps, ak_table()->layer_norm_row};
+  run_rows(&job, rows);
+}
+
+void ak_softmax_f32(const float* x, float* out, int64_t rows, int64_t D) {
+  ak_rows_job job = {x, NULL, NULL, out, D, 0.f, ak_table()->softmax_row};
+  run_rows(&job, rows);
+}

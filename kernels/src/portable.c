@@ -1,0 +1,84 @@
+/* Portable (baseline x86-64 / any CPU) micro-kernel, epilogues and row kernels. Plain C that
+ * the compiler may auto-vectorise for the baseline ISA; the AVX-512 set is in avx512.c. */
+#include <math.h>
+#include <string.h>
+#include "ak_kernels.h"
+
+static inline float act1(float v, const ak_epilogue* e) {
+  switch (e->act) {
+    case AK_ACT_RELU: return v > 0.f ? v : 0.f;
+    case AK_ACT_CLIP: return v < e->lo ? e->lo : (v > e->hi ? e->hi : v);
+    case AK_ACT_GELU_ERF: return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+    case AK_ACT_GELU_TANH:
+      return 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    case AK_ACT_SILU: return v / (1.f + expf(-v));
+    case AK_ACT_SIGMOID: return 1.f / (1.f + expf(-v));
+    default: return v;
+  }
+}
+
+static inline float epi1(float v, float bias, const float* res, int64_t j, const ak_epilogue* e) {
+  v = v * e->scale + bias;
+  if (e->res_mode == AK_RES_PRE_ACT) v += res[j];
+  v = act1(v, e);
+  if (e->res_mode == AK_RES_POST_ACT) v += res[j];
+  return v;
+}
+
+static void ukr_portable(int mr, int64_t K, const float* a, int64_t lda, const float* bp,
+                         float* c, int64_t ldc, int nv, const float* bias_col,
+                         const float* bias_row, const float* res, int64_t ldr,
+                         const ak_epilogue* epi) {
+  float acc[AK_MR][AK_NR];
+  memset(acc, 0, sizeof(acc));
+  for (int64_t k = 0; k < K; ++k) {
+    const float* b = bp + k * AK_NR;
+    for (int i = 0; i < mr; ++i) {
+      const float av = a[i * lda + k];
+      for (int j = 0; j < AK_NR; ++j) acc[i][j] += av * b[j];
+    }
+  }
+  for (int i = 0; i < mr; ++i) {
+    const float* r = res ? res + i * ldr : NULL;
+    for (int j = 0; j < nv; ++j) {
+      const float bias = bias_col ? bias_col[j] : (bias_row ? bias_row[i] : 0.f);
+      c[i * ldc + j] = epi1(acc[i][j], bias, r, j, epi);
+    }
+  }
+}
+
+static void row_epi_portable(float* dst, const float* src, int64_t n, float bias,
+                             const float* res, const ak_epilogue* epi) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = epi1(src[j], bias, res, j, epi);
+}
+
+static void layer_norm_row_portable(const float* x, const float* gamma, const float* beta,
+                                    float* out, int64_t D, float eps) {
+  double s = 0., s2 = 0.;
+  for (int64_t j = 0; j < D; ++j) s += x[j];
+  const double mean = s / (double)D;
+  for (int64_t j = 0; j < D; ++j) {
+    const double d = x[j] - mean;
+    s2 += d * d;
+  }
+  const float inv = (float)(1.0 / sqrt(s2 / (double)D + eps));
+  for (int64_t j = 0; j < D; ++j)
+    out[j] = ((x[j] - (float)mean) * inv) * (gamma ? gamma[j] : 1.f) + (beta ? beta[j] : 0.f);
+}
+
+static void softmax_row_portable(const float* x, const float* gamma, const float* beta,
+                                 float* out, int64_t D, float eps) {
+  (void)gamma; (void)beta; (void)eps;
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < D; ++j) mx = x[j] > mx ? x[j] : mx;
+  double s = 0.;
+  for (int64_t j = 0; j < D; ++j) {
+    out[j] = expf(x[j] - mx);
+    s += out[j];
+  }
+  const float inv = (float)(1.0 / s);
+  for (int64_t j = 0; j < D; ++j) out[j] *= inv;
+}
+
+const ak_isa_table ak_portable_table = {ukr_portable, row_epi_portable, layer_norm_row_portable,
+                                        softmax_row_portable};

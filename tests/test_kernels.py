@@ -1,0 +1,220 @@
+"""accelkit's C kernels called directly through TVM-FFI: every kernel and epilogue against a
+numpy reference, on the AVX-512 path and on the forced portable path, and bad arguments refused
+with a clear error before any memory is touched."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from accelkit.backends.cpu import ACT_CODES, pack_weight
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+ACTS = {
+    None: lambda v: v,
+    "relu": lambda v: np.maximum(v, 0),
+    "clip": lambda v: np.clip(v, 0.0, 6.0),
+    "gelu": lambda v: 0.5 * v * (1 + _erf(v / math.sqrt(2))),
+    "gelu_tanh": lambda v: 0.5 * v * (1 + np.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v**3))),
+    "silu": lambda v: v / (1 + np.exp(-v)),
+    "sigmoid": lambda v: 1 / (1 + np.exp(-v)),
+}
+
+
+@pytest.fixture(scope="module")
+def k():
+    from accelkit import kernels
+
+    kernels.load()
+    import tvm_ffi
+
+    return lambda name: tvm_ffi.get_global_func(f"accelkit.cpu.{name}")
+
+
+@pytest.fixture(params=["native", "portable"])
+def isa(request, monkeypatch):
+    """Run a test on the CPU's best path and again on the forced portable one."""
+    from accelkit import kernels
+
+    module = kernels.load()
+    if request.param == "portable":
+        monkeypatch.setenv("ACCELKIT_PORTABLE_KERNELS", "1")
+    else:
+        monkeypatch.delenv("ACCELKIT_PORTABLE_KERNELS", raising=False)
+    module.register()
+    yield module.isa()
+    monkeypatch.delenv("ACCELKIT_PORTABLE_KERNELS", raising=False)
+    module.register()
+
+
+def t(a):
+    import tvm
+
+    return tvm.runtime.tensor(np.ascontiguousarray(a))
+
+
+def none():
+    return t(np.zeros(0, np.float32))
+
+
+def close(got, want, tol=2e-5):
+    want = np.asarray(want, np.float64)
+    err = np.linalg.norm(got.astype(np.float64) - want) / max(np.linalg.norm(want), 1e-30)
+    assert err < tol, f"relative L2 error {err:.2e}"
+
+
+def test_portable_path_is_selected_by_the_environment(isa, request):
+    assert isa == ("portable" if request.node.callspec.params["isa"] == "portable" else isa)
+    if request.node.callspec.params["isa"] == "native" and "avx512f" in open("/proc/cpuinfo").read():
+        assert isa == "avx512"
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 45), (64, 96, 64), (1, 33, 31), (3, 2, 17, 40)])
+@pytest.mark.parametrize("act", list(ACTS))
+def test_dense_every_activation(k, isa, shape, act):
+    rng = np.random.default_rng(0)
+    *lead, kdim, n = shape
+    x = rng.standard_normal((*lead, kdim)).astype(np.float32)
+    w = rng.standard_normal((kdim, n)).astype(np.float32) / math.sqrt(kdim)
+    b = rng.standard_normal(n).astype(np.float32)
+    out = t(np.zeros((*lead, n), np.float32))
+    k("dense")(t(x), t(pack_weight(w)), t(b), none(), n, ACT_CODES[act], 0, 0.0, 6.0, 1.0, out)
+    close(out.numpy(), ACTS[act](x.astype(np.float64) @ w + b))
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+def test_dense_residual_before_and_after_activation(k, isa, mode):
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal((9, 20)).astype(np.float32), rng.standard_normal((20, 37)).astype(np.float32)
+    r = rng.standard_normal((9, 37)).astype(np.float32)
+    out = t(np.zeros((9, 37), np.float32))
+    k("dense")(t(x), t(pack_weight(w)), none(), t(r), 37, ACT_CODES["relu"], mode, 0.0, 0.0, 1.0, out)
+    h = x.astype(np.float64) @ w
+    close(out.numpy(), np.maximum(h + r, 0) if mode == 1 else np.maximum(h, 0) + r)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("b_batch", ["same", "broadcast"])
+def test_bmm(k, isa, trans_b, b_batch):
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((2, 3, 17, 40)).astype(np.float32)
+    b = rng.standard_normal((2, 3, 40, 35) if b_batch == "same" else (1, 1, 40, 35)).astype(np.float32)
+    out = t(np.zeros((2, 3, 17, 35), np.float32))
+    bb = np.swapaxes(b, -1, -2) if trans_b else b
+    k("bmm")(t(a), t(bb), none(), trans_b, 0.125, out)
+    close(out.numpy(), 0.125 * (a.astype(np.float64) @ b))
+
+
+def conv_ref(x, w, b, stride, pads, dilation, groups):
+    """Direct NCHW convolution in float64; pads = (top, left, bottom, right)."""
+    n, c, h, wd = x.shape
+    cout, cg, kh, kw = w.shape
+    xp = np.zeros((n, c, h + pads[0] + pads[2], wd + pads[1] + pads[3]))
+    xp[:, :, pads[0]:pads[0] + h, pads[1]:pads[1] + wd] = x
+    oh = (xp.shape[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (xp.shape[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out = np.zeros((n, cout, oh, ow))
+    per = cout // groups
+    for o in range(cout):
+        g = o // per
+        for ky in range(kh):
+            for kx in range(kw):
+                patch = xp[:, g * cg:(g + 1) * cg,
+                           ky * dilation[0]: ky * dilation[0] + stride[0] * (oh - 1) + 1: stride[0],
+                           kx * dilation[1]: kx * dilation[1] + stride[1] * (ow - 1) + 1: stride[1]]
+                out[:, o] += np.einsum("nchw,c->nhw", patch, w[o, :, ky, kx])
+    return out + b.reshape(1, -1, 1, 1)
+
+
+CONVS = [  # (n, c, h, w, cout, k, stride, pads, dilation, groups)
+    (1, 8, 9, 11, 16, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    (2, 8, 9, 11, 16, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1),
+    (1, 3, 20, 18, 8, 7, (2, 2), (3, 3, 3, 3), (1, 1), 1),
+    (1, 8, 9, 11, 16, 3, (2, 1), (0, 1, 1, 0), (1, 2), 2),
+    (2, 12, 10, 13, 12, 3, (1, 1), (1, 1, 1, 1), (1, 1), 12),   # depthwise
+    (1, 12, 10, 13, 12, 3, (2, 2), (0, 0, 1, 1), (1, 1), 12),   # depthwise, asymmetric pad
+    (1, 12, 10, 13, 12, 3, (2, 2), (2, 2, 2, 2), (2, 2), 12),   # depthwise, dilated
+]
+
+
+@pytest.mark.parametrize("case", CONVS, ids=lambda c: "x".join(map(str, c[:6])) + f"g{c[-1]}")
+@pytest.mark.parametrize("act,res", [(None, 0), ("clip", 0), ("relu", 1), (None, 2)])
+def test_conv2d(k, isa, case, act, res):
+    n, c, h, wd, cout, ks, stride, pads, dil, groups = case
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((n, c, h, wd)).astype(np.float32)
+    w = rng.standard_normal((cout, c // groups, ks, ks)).astype(np.float32) * 0.3
+    b = rng.standard_normal(cout).astype(np.float32)
+    want = conv_ref(x.astype(np.float64), w.astype(np.float64), b, stride, pads, dil, groups)
+    r = rng.standard_normal(want.shape).astype(np.float32)
+    out = t(np.zeros(want.shape, np.float32))
+    k("conv2d")(t(x), t(w), t(b), t(r) if res else none(), groups, *stride, pads[0], pads[1], *dil,
+                ACT_CODES[act], res, 0.0, 6.0, 1.0, out)
+    if res == 1:
+        want = want + r
+    want = ACTS[act](want)
+    if res == 2:
+        want = want + r
+    close(out.numpy(), want)
+
+
+def test_layer_norm_and_softmax(k, isa):
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((3, 5, 70)) * 4 + 2).astype(np.float32)
+    g, b = rng.standard_normal(70).astype(np.float32), rng.standard_normal(70).astype(np.float32)
+    out = t(np.zeros_like(x))
+    k("layer_norm")(t(x), t(g), t(b), 1e-5, out)
+    xd = x.astype(np.float64)
+    mean, var = xd.mean(-1, keepdims=True), xd.var(-1, keepdims=True)
+    close(out.numpy(), (xd - mean) / np.sqrt(var + 1e-5) * g + b)
+    k("softmax")(t(x), out)
+    e = np.exp(xd - xd.max(-1, keepdims=True))
+    close(out.numpy(), e / e.sum(-1, keepdims=True))
+    wide = rng.standard_normal((2, 18710)).astype(np.float32) * 10  # a long classifier axis
+    out = t(np.zeros_like(wide))
+    k("softmax")(t(wide), out)
+    e = np.exp(wide - wide.max(-1, keepdims=True))
+    close(out.numpy(), e / e.sum(-1, keepdims=True), 1e-6)
+
+
+def test_kernels_refuse_bad_arguments_with_clear_errors(k):
+    x, w = np.ones((4, 3), np.float32), pack_weight(np.ones((3, 5), np.float32))
+    b, out = t(np.ones(5, np.float32)), t(np.zeros((4, 5), np.float32))
+    dense = k("dense")
+    dense(t(x), t(w), b, none(), 5, 1, 0, 0.0, 0.0, 1.0, out)
+    assert np.allclose(out.numpy(), 4.0)
+    cases = [
+        ((t(x), t(pack_weight(np.ones((4, 5), np.float32))), b, none(), 5, 1, 0, 0.0, 0.0, 1.0, out),
+         r"w_packed must be \[1, 3, 32\]"),
+        ((t(x.astype(np.float64)), t(w), b, none(), 5, 1, 0, 0.0, 0.0, 1.0, out), "x must be float32"),
+        ((t(x), t(w), b, none(), 5, 1, 0, 0.0, 0.0, 1.0, t(np.zeros((5, 4), np.float32))), "out must be"),
+        ((t(x), t(w), t(np.ones(4, np.float32)), none(), 5, 1, 0, 0.0, 0.0, 1.0, out), "bias must have N=5"),
+        ((t(x), t(w), b, none(), 5, 99, 0, 0.0, 0.0, 1.0, out), r"act=99 is out of range"),
+        ((t(x), t(w), b, none(), 5, 1, 1, 0.0, 0.0, 1.0, out), "res must have the shape of out"),
+        ((t(x), t(w), b), "expected 11 arguments"),
+        ((t(x), t(w), b, none(), "5", 1, 0, 0.0, 0.0, 1.0, out), r"\(N\) must be an int"),
+    ]
+    for args, message in cases:
+        with pytest.raises(Exception, match=message):
+            dense(*args)
+    strided = t(np.ones((4, 6), np.float32)[:, ::2])  # numpy copies on the way in: still valid
+    dense(strided, t(w), b, none(), 5, 0, 0, 0.0, 0.0, 1.0, out)
+    conv = k("conv2d")
+    xc, wc = t(np.ones((1, 4, 5, 5), np.float32)), t(np.ones((6, 2, 3, 3), np.float32))
+    with pytest.raises(Exception, match="does not fit 4 input channels in 3 groups"):
+        conv(xc, wc, none(), none(), 3, 1, 1, 1, 1, 1, 1, 0, 0, 0.0, 0.0, 1.0, t(np.zeros((1, 6, 5, 5), np.float32)))
+    with pytest.raises(Exception, match="stride_h=0 is out of range"):
+        conv(xc, wc, none(), none(), 2, 0, 1, 1, 1, 1, 1, 0, 0, 0.0, 0.0, 1.0, t(np.zeros((1, 6, 5, 5), np.float32)))
+    with pytest.raises(Exception, match="x must have rank 4"):
+        conv(t(np.ones((4, 5, 5), np.float32)), wc, none(), none(), 2, 1, 1, 1, 1, 1, 1, 0, 0, 0.0, 0.0, 1.0,
+             t(np.zeros((1, 6, 5, 5), np.float32)))
+    with pytest.raises(Exception, match="a has K=40 but b has 41"):
+        k("bmm")(t(np.ones((2, 3, 40), np.float32)), t(np.ones((2, 41, 5), np.float32)), none(), 0, 1.0,
+                 t(np.zeros((2, 3, 5), np.float32)))
+    with pytest.raises(Exception, match="gamma/beta must have D=7"):
+        k("layer_norm")(t(np.ones((2, 7), np.float32)), t(np.ones(6, np.float32)), none(), 1e-5,
+                        t(np.zeros((2, 7), np.float32)))
+    with pytest.raises(Exception, match="out must have the shape of x"):
+        k("softmax")(t(np.ones((2, 7), np.float32)), t(np.zeros((2, 8), np.float32)))
