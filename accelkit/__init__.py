@@ -34,7 +34,17 @@ __all__ = [
     "Backend", "TVMBackend", "KernelPattern", "CompileOptions", "host_target", "tensor_type",
     "AccelkitError", "ArtifactError", "BackendError", "CompileError", "FeedError",
     "InputShapeError", "ModelLoadError", "OptionError", "UnsupportedModelError", "__version__",
+    "set_num_threads",
 ]
+
+
+def set_num_threads(n: int) -> int:
+    """Threads for running models (default: $ACCELKIT_NUM_THREADS, else all cores). Call it
+    before the first model runs to size the process's one thread pool; later calls can only
+    change how many of the pool's threads accelkit's kernels use. Returns the count in effect."""
+    from accelkit.threads import set_num_threads as _set
+
+    return _set(n)
 
 
 def compile(model, *, backend="cpu", precision="fp32", input_shapes=None, cache=True,  # noqa: A001

@@ -16,6 +16,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Compile ONNX models through Apache TVM into fast executables for this machine.",
     )
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="threads for running models (default: $ACCELKIT_NUM_THREADS or all cores)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     c = sub.add_parser("compile", help="compile an ONNX model into an .akx artifact")
@@ -250,6 +252,10 @@ def main(argv=None) -> int:
     from accelkit.errors import AccelkitError
 
     try:
+        if args.threads is not None:
+            from accelkit.threads import set_num_threads
+
+            set_num_threads(args.threads)
         return COMMANDS[args.command](args) or 0
     except AccelkitError as exc:
         if args.debug:

@@ -36,3 +36,38 @@ def zoo_model(zoo_dir):
     from model_zoo import build
 
     return lambda name: build(name, zoo_dir)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Same-run ratios: onnxruntime median / accelkit median per model (> 1: accelkit faster),
+    their geometric mean, and the dense kernel's GFLOP/s next to numpy's."""
+    import math
+
+    session = getattr(config, "_benchmarksession", None)
+    benches = getattr(session, "benchmarks", None) or []
+    medians: dict[str, dict[str, float]] = {}
+    for bench in benches:
+        stats = getattr(bench, "stats", None)
+        median = getattr(stats, "median", None)
+        if median is None or not bench.group:
+            continue
+        system = bench.name.split("[")[0].removeprefix("test_")
+        medians.setdefault(bench.group, {})[system] = median
+    ratios = {g.removeprefix("model "): m["onnxruntime"] / m["accelkit"] for g, m in medians.items()
+              if "accelkit" in m and "onnxruntime" in m}
+    if ratios:
+        terminalreporter.section("accelkit vs onnxruntime (same run, ratio of medians; > 1 = faster)")
+        for name, ratio in ratios.items():
+            m = medians[f"model {name}"]
+            terminalreporter.write_line(f"{name:>12}: accelkit {m['accelkit'] * 1e3:9.2f} ms  onnxruntime "
+                                        f"{m['onnxruntime'] * 1e3:9.2f} ms  ratio {ratio:5.2f}")
+        geomean = math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios))
+        terminalreporter.write_line(f"{'geomean':>12}: {geomean:.2f} over {len(ratios)} models")
+    dense = {g: m for g, m in medians.items() if g.startswith("dense ") and "accelkit_dense_bias_relu" in m}
+    if dense:
+        terminalreporter.section("fused dense vs numpy matmul (GFLOP/s at the median)")
+        for group, m in dense.items():
+            mm, k, n = (int(v) for v in group.split()[1].split("x"))
+            flop = 2 * mm * k * n
+            terminalreporter.write_line(f"{group:>20}: accelkit {flop / m['accelkit_dense_bias_relu'] / 1e9:6.1f}  "
+                                        f"numpy {flop / m.get('numpy_matmul', float('nan')) / 1e9:6.1f}")

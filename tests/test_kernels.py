@@ -136,6 +136,8 @@ CONVS = [  # (n, c, h, w, cout, k, stride, pads, dilation, groups)
     (2, 12, 10, 13, 12, 3, (1, 1), (1, 1, 1, 1), (1, 1), 12),   # depthwise
     (1, 12, 10, 13, 12, 3, (2, 2), (0, 0, 1, 1), (1, 1), 12),   # depthwise, asymmetric pad
     (1, 12, 10, 13, 12, 3, (2, 2), (2, 2, 2, 2), (2, 2), 12),   # depthwise, dilated
+    (1, 12, 10, 13, 12, 3, (1, 2), (1, 0, 1, 2), (1, 1), 12),   # depthwise, uneven strides
+    (1, 4, 7, 7, 4, 5, (3, 3), (2, 2, 2, 2), (1, 1), 4),        # depthwise, stride 3
 ]
 
 

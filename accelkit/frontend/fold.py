@@ -507,5 +507,62 @@ def fold_to_fixpoint(
         if not changed:
             break
     remove_identities(m)
+    fuse_pads_into_convs(m)
     remove_dead(m)
     return infer_shapes(m)
+
+
+def fuse_pads_into_convs(model: onnx.ModelProto) -> bool:
+    """Pad (constant mode, zeros, spatial dims only) feeding only a Conv -> the Conv's own pads,
+    as ONNX Runtime's PadFusion does: the padded copy of the activation disappears (exporters of
+    TF-style "same" padding, e.g. transformers' MobileNetV2, emit one before every conv)."""
+    g = model.graph
+    consts = _Constants(g)
+    producers = {o: n for n in g.node for o in n.output}
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+        for attr in n.attribute:
+            for name in (used_names(sub) for sub in _subgraphs(attr)):
+                for i in name:
+                    uses[i] = uses.get(i, 0) + 2
+    for o in g.output:
+        uses[o.name] = uses.get(o.name, 0) + 2
+    changed = False
+    for conv in g.node:
+        if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or not conv.input:
+            continue
+        pad = producers.get(conv.input[0])
+        if pad is None or pad.op_type != "Pad" or pad.domain not in ("", "ai.onnx") or uses.get(pad.output[0]) != 1:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in pad.attribute}
+        mode = attrs.get("mode", b"constant")
+        if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+            continue
+        if "pads" in attrs:  # opset < 11
+            pads, value = list(attrs["pads"]), float(attrs.get("value", 0.0))
+        else:
+            if len(pad.input) < 2 or pad.input[1] not in consts or (len(pad.input) > 3 and pad.input[3]):
+                continue
+            pads = [int(v) for v in consts.get(pad.input[1]).reshape(-1)]
+            value = 0.0
+            if len(pad.input) > 2 and pad.input[2]:
+                if pad.input[2] not in consts:
+                    continue
+                value = float(consts.get(pad.input[2]).reshape(-1)[0])
+        conv_attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+        auto_pad = conv_attrs.get("auto_pad", b"NOTSET")
+        rank = len(pads) // 2
+        if (value != 0.0 or rank < 3 or any(p < 0 for p in pads) or any(pads[i] or pads[rank + i] for i in (0, 1))
+                or (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) != "NOTSET"):
+            continue
+        spatial = rank - 2
+        own = list(conv_attrs.get("pads", [0] * (2 * spatial)))
+        merged = [own[i] + pads[2 + i] for i in range(spatial)] + [own[spatial + i] + pads[rank + 2 + i] for i in range(spatial)]
+        for k in reversed([k for k, a in enumerate(conv.attribute) if a.name == "pads"]):
+            del conv.attribute[k]
+        conv.attribute.append(helper.make_attribute("pads", merged))
+        conv.input[0] = pad.input[0]
+        changed = True
+    return changed

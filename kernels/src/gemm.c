@@ -226,17 +226,26 @@ typedef struct {
   int64_t C;
 } ak_dw_job;
 
+/* Per channel: copy the plane into a zero-padded buffer of width Wp, then accumulate every tap
+ * over the whole output computed on a grid of that width (columns >= OW are discarded), so each
+ * tap is one long unit- or fixed-stride loop the compiler vectorises, even for 7x7 planes. */
 static inline __attribute__((always_inline)) void depthwise_range(int64_t begin, int64_t end,
                                                                   void* ctx) {
   const ak_dw_job* job = (const ak_dw_job*)ctx;
   const ak_conv_geom* g = job->g;
   const ak_isa_table* isa = ak_table();
-  /* the padded input plane, so the inner loops have no bounds checks */
-  const int64_t Hp = (g->OH - 1) * g->SH + (g->KH - 1) * g->DH + 1;
-  const int64_t Wp = (g->OW - 1) * g->SW + (g->KW - 1) * g->DW + 1;
-  float* pad = ak_scratch((size_t)(Hp * Wp + g->OW));
+  const int64_t SH = g->SH, SW = g->SW;
+  const int64_t Wp = (g->OW - 1) * SW + (g->KW - 1) * g->DW + 1;
+  const int flat = SH == SW;
+  const int64_t grid = flat ? g->OH * Wp : g->OW;
+  /* rows so that every tap's window, at every grid point, stays inside the buffer */
+  const int64_t need = flat ? SW * (grid - 1) + (g->KH - 1) * g->DH * Wp + (g->KW - 1) * g->DW + 1
+                            : ((g->OH - 1) * SH + (g->KH - 1) * g->DH + 1) * Wp;
+  const int64_t Hp = (need + Wp - 1) / Wp;
+  float* pad = ak_scratch((size_t)(Hp * Wp + grid));
   if (!pad) return;
-  float* row = pad + Hp * Wp;
+  float* acc = pad + Hp * Wp;
+  const int64_t copy = g->W < Wp - g->PW ? g->W : (Wp - g->PW > 0 ? Wp - g->PW : 0);
   for (int64_t idx = begin; idx < end; ++idx) {
     const int64_t c = idx % job->C;
     const float* x = job->x + idx * g->H * g->W;
@@ -244,26 +253,43 @@ static inline __attribute__((always_inline)) void depthwise_range(int64_t begin,
     for (int64_t y = 0; y < Hp; ++y) {
       const int64_t iy = y - g->PH;
       float* d = pad + y * Wp;
-      if (iy < 0 || iy >= g->H) { memset(d, 0, (size_t)Wp * sizeof(float)); continue; }
-      for (int64_t xx = 0; xx < Wp; ++xx) {
-        const int64_t ix = xx - g->PW;
-        d[xx] = ix >= 0 && ix < g->W ? x[iy * g->W + ix] : 0.f;
+      if (iy >= 0 && iy < g->H && copy > 0) {
+        memset(d, 0, (size_t)g->PW * sizeof(float));
+        memcpy(d + g->PW, x + iy * g->W, (size_t)copy * sizeof(float));
+        memset(d + g->PW + copy, 0, (size_t)(Wp - g->PW - copy) * sizeof(float));
+      } else {
+        memset(d, 0, (size_t)Wp * sizeof(float));
       }
     }
     float* o = job->out + idx * g->OH * g->OW;
     const float* r = job->res ? job->res + idx * g->OH * g->OW : NULL;
     const float bias = job->bias ? job->bias[c] : 0.f;
-    for (int64_t oy = 0; oy < g->OH; ++oy) {
-      memset(row, 0, (size_t)g->OW * sizeof(float));
+    if (flat) {
+      memset(acc, 0, (size_t)grid * sizeof(float));
       for (int64_t ky = 0; ky < g->KH; ++ky) {
         for (int64_t kx = 0; kx < g->KW; ++kx) {
           const float wv = w[ky * g->KW + kx];
-          const float* s = pad + (oy * g->SH + ky * g->DH) * Wp + kx * g->DW;
-          if (g->SW == 1) for (int64_t ox = 0; ox < g->OW; ++ox) row[ox] += wv * s[ox];
-          else for (int64_t ox = 0; ox < g->OW; ++ox) row[ox] += wv * s[ox * g->SW];
+          const float* src = pad + ky * g->DH * Wp + kx * g->DW;
+          if (SW == 1) for (int64_t j = 0; j < grid; ++j) acc[j] += wv * src[j];
+          else if (SW == 2) for (int64_t j = 0; j < grid; ++j) acc[j] += wv * src[2 * j];
+          else for (int64_t j = 0; j < grid; ++j) acc[j] += wv * src[SW * j];
         }
       }
-      isa->row_epi(o + oy * g->OW, row, g->OW, bias, r ? r + oy * g->OW : NULL, &job->epi);
+      for (int64_t oy = 0; oy < g->OH; ++oy)
+        isa->row_epi(o + oy * g->OW, acc + oy * Wp, g->OW, bias, r ? r + oy * g->OW : NULL,
+                     &job->epi);
+      continue;
+    }
+    for (int64_t oy = 0; oy < g->OH; ++oy) {
+      memset(acc, 0, (size_t)g->OW * sizeof(float));
+      for (int64_t ky = 0; ky < g->KH; ++ky) {
+        for (int64_t kx = 0; kx < g->KW; ++kx) {
+          const float wv = w[ky * g->KW + kx];
+          const float* src = pad + (oy * SH + ky * g->DH) * Wp + kx * g->DW;
+          for (int64_t ox = 0; ox < g->OW; ++ox) acc[ox] += wv * src[ox * SW];
+        }
+      }
+      isa->row_epi(o + oy * g->OW, acc, g->OW, bias, r ? r + oy * g->OW : NULL, &job->epi);
     }
   }
 }

@@ -1,0 +1,137 @@
+"""The cpu backend's kernel patterns on small ONNX graphs shaped like real exporters' output:
+each fused subgraph goes to the expected kernel, the rest stays with TVM, and the outputs match
+onnxruntime. Variants the kernels do not take fall back to TVM-generated code, still correct."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import make_model
+from onnx import TensorProto, helper, numpy_helper
+
+import accelkit
+from accelkit.demo import relative_l2
+
+ort = pytest.importorskip("onnxruntime")
+F = TensorProto.FLOAT
+
+
+def const(name, array):
+    return numpy_helper.from_array(np.asarray(array, np.float32), name)
+
+
+def check(proto, expected: dict[str, int], tol=1e-5):
+    model = accelkit.compile(proto, cache=False)
+    rng = np.random.default_rng(0)
+    feeds = {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in model.inputs}
+    want = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = model.run(feeds)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and relative_l2(g, w) < tol, relative_l2(g, w)
+    assert model.manifest["offloaded"] == expected
+    return model
+
+
+def test_gemm_with_transposed_weight_and_relu():
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["g"], transB=1),
+             helper.make_node("Relu", ["g"], ["y"])]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [5, 40])],
+                       [helper.make_tensor_value_info("y", F, [5, 70])],
+                       [const("W", rng.standard_normal((70, 40))), const("b", rng.standard_normal(70))])
+    check(proto, {"cpu.dense_bias_relu": 1})
+
+
+def test_transformer_ffn_gelu_erf_and_residual_on_3d_input():
+    """torch's export of nn.GELU(): x * 0.5 * (1 + erf(x / sqrt(2))) after a 3-D MatMul."""
+    rng = np.random.default_rng(2)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["m1"]), helper.make_node("Add", ["b1", "m1"], ["h"]),
+        helper.make_node("Div", ["h", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["e1"]), helper.make_node("Mul", ["h", "e1"], ["he"]),
+        helper.make_node("Mul", ["he", "half"], ["gelu"]),
+        helper.make_node("MatMul", ["gelu", "W2"], ["m2"]), helper.make_node("Add", ["m2", "b2"], ["o"]),
+        helper.make_node("Add", ["o", "x"], ["y"]),
+    ]
+    inits = [const("W1", rng.standard_normal((48, 96)) / 7), const("b1", rng.standard_normal(96)),
+             const("W2", rng.standard_normal((96, 48)) / 10), const("b2", rng.standard_normal(48)),
+             const("sqrt2", math.sqrt(2)), const("one", 1.0), const("half", 0.5)]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [2, 7, 48])],
+                       [helper.make_tensor_value_info("y", F, [2, 7, 48])], inits)
+    check(proto, {"cpu.dense_bias_gelu": 1, "cpu.dense_bias_add": 1})
+
+
+def test_gelu_with_other_constants_is_not_taken_for_gelu():
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
+             helper.make_node("Div", ["h", "c"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["e1"]), helper.make_node("Mul", ["h", "e1"], ["he"]),
+             helper.make_node("Mul", ["he", "half"], ["y"])]
+    inits = [const("W", rng.standard_normal((16, 24))), const("c", 3.0), const("one", 1.0), const("half", 0.5)]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [4, 16])],
+                       [helper.make_tensor_value_info("y", F, [4, 24])], inits)
+    check(proto, {"cpu.dense": 1})
+
+
+def test_mobilenet_block_pad_conv_relu6_depthwise_and_residual():
+    """TF-style explicit Pad before each conv (fused into the conv), Clip(0, 6), a depthwise
+    conv, and the inverted-residual Add."""
+    rng = np.random.default_rng(4)
+    nodes = [
+        helper.make_node("Conv", ["x", "We", "be"], ["c1"]),
+        helper.make_node("Clip", ["c1", "zero", "six"], ["r1"]),
+        helper.make_node("Pad", ["r1", "pads"], ["p"], mode="constant"),
+        helper.make_node("Conv", ["p", "Wd", "bd"], ["c2"], group=24),
+        helper.make_node("Clip", ["c2", "zero", "six"], ["r2"]),
+        helper.make_node("Conv", ["r2", "Wp", "bp"], ["c3"]),
+        helper.make_node("Add", ["x", "c3"], ["y"]),
+    ]
+    inits = [const("We", rng.standard_normal((24, 8, 1, 1)) * 0.3), const("be", rng.standard_normal(24)),
+             const("Wd", rng.standard_normal((24, 1, 3, 3)) * 0.3), const("bd", rng.standard_normal(24)),
+             const("Wp", rng.standard_normal((8, 24, 1, 1)) * 0.3), const("bp", rng.standard_normal(8)),
+             const("zero", 0.0), const("six", 6.0),
+             numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 2, 2], np.int64), "pads")]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 8, 10, 10])],
+                       [helper.make_tensor_value_info("y", F, [1, 8, 10, 10])], inits)
+    check(proto, {"cpu.conv2d_bias_clip": 2, "cpu.conv2d_bias_add": 1})
+    from accelkit import frontend
+
+    prepared = frontend.prepare(proto).proto.graph.node
+    assert [n.op_type for n in prepared].count("Pad") == 0
+    assert [list(a.ints) for n in prepared if n.op_type == "Conv" for a in n.attribute
+            if a.name == "pads"] == [[0, 0, 2, 2]]
+
+
+def test_attention_block_layer_norm_and_softmax():
+    rng = np.random.default_rng(5)
+    s, d = 12, 16
+    nodes = [
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["qk"]), helper.make_node("Div", ["qk", "scale"], ["sc"]),
+        helper.make_node("Add", ["sc", "mask"], ["sm"]), helper.make_node("Softmax", ["sm"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["ctx"]),
+        helper.make_node("LayerNormalization", ["ctx", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-12),
+    ]
+    inits = [const("scale", math.sqrt(d)), const("mask", np.where(np.arange(s) < 9, 0.0, -1e4)),
+             const("gamma", rng.standard_normal(d)), const("beta", rng.standard_normal(d))]
+    inputs = [helper.make_tensor_value_info(n, F, [1, 2, s, d]) for n in ("q", "k", "v")]
+    proto = make_model(nodes, inputs, [helper.make_tensor_value_info("y", F, [1, 2, s, d])], inits)
+    check(proto, {"cpu.bmm_scaled": 1, "cpu.softmax": 1, "cpu.bmm": 1, "cpu.layer_norm": 1})
+
+
+def test_variants_without_a_kernel_fall_back_to_tvm():
+    """Conv1D (no kernel) and a float64 MatMul stay with TVM-generated code and stay correct."""
+    rng = np.random.default_rng(6)
+    nodes = [helper.make_node("Conv", ["x", "W", "b"], ["c"], pads=[1, 1], dilations=[2]),
+             helper.make_node("Relu", ["c"], ["y"])]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 4, 20])],
+                       [helper.make_tensor_value_info("y", F, [1, 6, 18])],
+                       [const("W", rng.standard_normal((6, 4, 3))), const("b", rng.standard_normal(6))])
+    check(proto, {})
+    d = TensorProto.DOUBLE
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"])]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", d, [3, 5])],
+                       [helper.make_tensor_value_info("y", d, [3, 4])],
+                       [numpy_helper.from_array(rng.standard_normal((5, 4)), "W")])
+    check(proto, {}, tol=1e-12)
