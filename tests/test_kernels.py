@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from accelkit.backends.cpu import ACT_CODES, pack_weight
+from accelkit.backends.cpu import ACT_CODES, pack_conv_weight, pack_weight
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
@@ -138,12 +138,15 @@ CONVS = [  # (n, c, h, w, cout, k, stride, pads, dilation, groups)
     (1, 12, 10, 13, 12, 3, (2, 2), (2, 2, 2, 2), (2, 2), 12),   # depthwise, dilated
     (1, 12, 10, 13, 12, 3, (1, 2), (1, 0, 1, 2), (1, 1), 12),   # depthwise, uneven strides
     (1, 4, 7, 7, 4, 5, (3, 3), (2, 2, 2, 2), (1, 1), 4),        # depthwise, stride 3
+    (1, 16, 5, 6, 72, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),      # many channels, few pixels:
+    (2, 40, 4, 4, 100, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1),     # the B-resident GEMM order
 ]
 
 
 @pytest.mark.parametrize("case", CONVS, ids=lambda c: "x".join(map(str, c[:6])) + f"g{c[-1]}")
 @pytest.mark.parametrize("act,res", [(None, 0), ("clip", 0), ("relu", 1), (None, 2)])
-def test_conv2d(k, isa, case, act, res):
+@pytest.mark.parametrize("packed", [False, True], ids=["oihw", "packed"])
+def test_conv2d(k, isa, case, act, res, packed):
     n, c, h, wd, cout, ks, stride, pads, dil, groups = case
     rng = np.random.default_rng(3)
     x = rng.standard_normal((n, c, h, wd)).astype(np.float32)
@@ -152,6 +155,8 @@ def test_conv2d(k, isa, case, act, res):
     want = conv_ref(x.astype(np.float64), w.astype(np.float64), b, stride, pads, dil, groups)
     r = rng.standard_normal(want.shape).astype(np.float32)
     out = t(np.zeros(want.shape, np.float32))
+    if packed:
+        w = pack_conv_weight(w, groups)  # the compiler's layout for the GEMM path (incl. groups)
     k("conv2d")(t(x), t(w), t(b), t(r) if res else none(), groups, *stride, pads[0], pads[1], *dil,
                 ACT_CODES[act], res, 0.0, 6.0, 1.0, out)
     if res == 1:

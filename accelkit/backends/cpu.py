@@ -39,6 +39,21 @@ def pack_weight(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(k, panels, NR).transpose(1, 0, 2))
 
 
+MR = 8  # rows per packed A micro-panel (AK_MR)
+
+
+def pack_conv_weight(w: np.ndarray, groups: int) -> np.ndarray:
+    """OIHW [Cout, C/g, KH, KW] -> [g, ceil(Cout/g/MR), C/g, KH, KW, MR] (zero padded): each group's
+    weight matrix [Cout/g, C/g*KH*KW] cut into MR-row micro-panels stored k-major, so the conv
+    kernel's broadcasts read consecutive floats."""
+    cout, cg, kh, kw = w.shape
+    per = cout // groups
+    tiles = -(-per // MR)
+    padded = np.zeros((groups, tiles * MR, cg, kh, kw), np.float32)
+    padded[:, :per] = w.reshape(groups, per, cg, kh, kw)
+    return np.ascontiguousarray(padded.reshape(groups, tiles, MR, cg, kh, kw).transpose(0, 1, 3, 4, 5, 2))
+
+
 # ---- pattern pieces --------------------------------------------------------------------------
 
 def _const_value(expr) -> np.ndarray | None:
@@ -244,7 +259,11 @@ def conv2d_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.conv2d") ->
             if params is None:
                 return None
             code, lo, hi = params
-            return ([matches[x], matches[w], relax.const(bias_vec) if bias else _empty(),
+            weight = _const_value(matches[w]).astype(np.float32)
+            depthwise = groups > 1 and groups == xs[1] == out[1] and ws[1] == 1
+            if not depthwise:  # the GEMM path: weights as packed A micro-panels
+                weight = pack_conv_weight(weight, groups)
+            return ([matches[x], relax.const(weight), relax.const(bias_vec) if bias else _empty(),
                      matches[r] if res else _empty()]
                     + _ints(groups, stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
                             code, {"pre": 1, "post": 2, None: 0}[res])

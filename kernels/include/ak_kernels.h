@@ -51,6 +51,7 @@ typedef void (*ak_pack_fn)(const ak_gemm* g, int64_t b, int64_t n0, float* dst);
 struct ak_gemm {
   int64_t batch, M, N, K;
   const float* a; int64_t lda, a_bstride;           /* A[b][m][k] = a[b*a_bstride + m*lda + k] */
+  int a_prepacked;                                  /* a is [batch][ceil(M/MR)][K][MR] */
   const float* b; int64_t ldb, b_bstride;           /* B[b][k][n] = b[b*b_bstride + k*ldb + n] */
   int b_prepacked;                                  /* b is [batch][ceil(N/NR)][K][NR] */
   ak_pack_fn pack;                                  /* NULL: plain row-major B (above) */
@@ -68,10 +69,11 @@ void ak_gemm_f32(const ak_gemm* g);
  * ceil(N/NR)*K*NR floats. */
 void ak_pack_b_f32(const float* b, int64_t K, int64_t N, int transposed, float* dst);
 
-/* out = epilogue(conv2d(x, w)) for n images, NCHW/OIHW, groups >= 1 (GEMM per group). */
-void ak_conv2d_f32(const float* x, const float* w, const float* bias, const float* res,
-                   float* out, int64_t n, int64_t groups, const ak_conv_geom* g, int64_t cout,
-                   ak_epilogue epi);
+/* out = epilogue(conv2d(x, w)) for n images, NCHW, groups >= 1 (GEMM per group). w is OIHW,
+ * or with w_packed, [groups][ceil(cout_g/MR)][C_g*KH*KW][MR] (ak_pack_a_f32 per group). */
+void ak_conv2d_f32(const float* x, const float* w, int w_packed, const float* bias,
+                   const float* res, float* out, int64_t n, int64_t groups,
+                   const ak_conv_geom* g, int64_t cout, ak_epilogue epi);
 
 /* Depthwise conv (groups == channels == Cout, g->C == 1): direct, per channel. */
 void ak_depthwise_f32(const float* x, const float* w, const float* bias, const float* res,
@@ -95,7 +97,8 @@ int ak_num_threads(void);
 /* Splits [0, n) into one contiguous range per pool thread and runs body on each. */
 void ak_parallel_range(void (*body)(int64_t begin, int64_t end, void* ctx), void* ctx, int64_t n);
 
-/* Micro-kernels and row epilogues, one set per instruction set (internal). */
+/* Micro-kernels and row epilogues, one set per instruction set (internal). lda == 0: a is one
+ * packed micro-panel, A[i][k] = a[k*MR + i]. */
 typedef void (*ak_ukr_fn)(int mr, int64_t K, const float* a, int64_t lda, const float* bp,
                           float* c, int64_t ldc, int nv, const float* bias_col,
                           const float* bias_row, const float* res, int64_t ldr,
@@ -105,8 +108,20 @@ typedef void (*ak_row_epi_fn)(float* dst, const float* src, int64_t n, float bia
                               const float* res, const ak_epilogue* epi);
 typedef void (*ak_rows_fn)(const float* x, const float* gamma, const float* beta, float* out,
                            int64_t D, float eps);
+/* One depthwise channel from its zero-padded plane (row stride Wp, readable 64 floats past the
+ * last row): out[oy][ox] = epilogue(sum w[ky][kx] pad[oy*SH + ky*DH][ox*SW + kx*DW]). */
+typedef void (*ak_dw_plane_fn)(const float* pad, int64_t Wp, const float* w,
+                               const ak_conv_geom* g, float bias, const float* res, float* out,
+                               const ak_epilogue* epi);
+/* im2col of output columns [n0, n0 + nv) of one image into a panel dst[K][NR] (zeros past nv). */
+typedef void (*ak_im2col_fn)(const ak_conv_geom* cg, const float* x, int64_t n0, int64_t nv,
+                             float* dst);
+void ak_im2col_portable(const ak_conv_geom* cg, const float* x, int64_t n0, int64_t nv,
+                        float* dst);
 typedef struct {
   ak_ukr_fn ukr;
+  ak_im2col_fn im2col;
+  ak_dw_plane_fn dw_plane; /* NULL: the driver's generic loops */
   ak_row_epi_fn row_epi;
   ak_rows_fn layer_norm_row;
   ak_rows_fn softmax_row; /* gamma/beta/eps unused */

@@ -8,6 +8,10 @@
 
 #define AK_INLINE static inline __attribute__((always_inline))
 
+AK_INLINE __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
+
 /* exp(x), |rel err| < 2e-7 on [-87, 88]: 2^n * p(r), r = x - n ln2, degree-7 Taylor. */
 AK_INLINE __m512 v_exp(__m512 x) {
   x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)),
@@ -84,7 +88,8 @@ AK_INLINE __m512 v_epi(__m512 v, __m512 bias, const float* res, __mmask16 m, con
   return v;
 }
 
-AK_INLINE void ukr_body(const int MR, int64_t K, const float* a, int64_t lda, const float* bp,
+AK_INLINE void ukr_body(const int MR, const int APACK, const int HALF, int64_t K, const float* a,
+                        int64_t lda, const float* bp,
                         float* c, int64_t ldc, int nv, const float* bias_col,
                         const float* bias_row, const float* res, int64_t ldr,
                         const ak_epilogue* epi) {
@@ -96,12 +101,12 @@ AK_INLINE void ukr_body(const int MR, int64_t K, const float* a, int64_t lda, co
   for (int i = 0; i < MR; ++i) ar[i] = a + i * lda;
   for (int64_t k = 0; k < K; ++k) {
     const __m512 b0 = _mm512_load_ps(bp + k * AK_NR);
-    const __m512 b1 = _mm512_load_ps(bp + k * AK_NR + 16);
+    const __m512 b1 = HALF ? b0 : _mm512_load_ps(bp + k * AK_NR + 16);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      const __m512 av = _mm512_set1_ps(ar[i][k]);
+      const __m512 av = _mm512_set1_ps(APACK ? a[k * AK_MR + i] : ar[i][k]);
       acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
-      acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
+      if (!HALF) acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
     }
   }
   const __mmask16 m0 = nv >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nv) - 1u);
@@ -122,16 +127,25 @@ AK_INLINE void ukr_body(const int MR, int64_t K, const float* a, int64_t lda, co
   }
 }
 
+/* One instantiation per (rows, packed A, half panel): a panel with <= 16 valid columns (the last
+ * one of N = 196, 49, ...) computes one vector per row instead of two. */
 static void ukr_avx512(int mr, int64_t K, const float* a, int64_t lda, const float* bp, float* c,
                        int64_t ldc, int nv, const float* bias_col, const float* bias_row,
                        const float* res, int64_t ldr, const ak_epilogue* epi) {
-  switch (mr) {
-#define AK_CASE(n) \
-  case n: ukr_body(n, K, a, lda, bp, c, ldc, nv, bias_col, bias_row, res, ldr, epi); break;
-    AK_CASE(8) AK_CASE(7) AK_CASE(6) AK_CASE(5) AK_CASE(4) AK_CASE(3) AK_CASE(2) AK_CASE(1)
-#undef AK_CASE
-    default: break;
+  const int apack = lda == 0, half = nv <= 16;
+#define AK_CASE(n, p, h)                                                                      \
+  case n: ukr_body(n, p, h, K, a, lda, bp, c, ldc, nv, bias_col, bias_row, res, ldr, epi); break;
+#define AK_SWITCH(p, h)                                                                       \
+  switch (mr) {                                                                               \
+    AK_CASE(8, p, h) AK_CASE(7, p, h) AK_CASE(6, p, h) AK_CASE(5, p, h) AK_CASE(4, p, h)      \
+    AK_CASE(3, p, h) AK_CASE(2, p, h) AK_CASE(1, p, h) default: break;                        \
   }
+  if (apack && half) { AK_SWITCH(1, 1) }
+  else if (apack) { AK_SWITCH(1, 0) }
+  else if (half) { AK_SWITCH(0, 1) }
+  else { AK_SWITCH(0, 0) }
+#undef AK_SWITCH
+#undef AK_CASE
 }
 
 static void row_epi_avx512(float* dst, const float* src, int64_t n, float bias, const float* res,
@@ -144,9 +158,6 @@ static void row_epi_avx512(float* dst, const float* src, int64_t n, float bias, 
   }
 }
 
-AK_INLINE __mmask16 tail_mask(int64_t left) {
-  return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-}
 
 static void layer_norm_row_avx512(const float* x, const float* gamma, const float* beta,
                                   float* out, int64_t D, float eps) {
@@ -191,5 +202,77 @@ static void softmax_row_avx512(const float* x, const float* gamma, const float* 
   }
 }
 
-const ak_isa_table ak_avx512_table = {ukr_avx512, row_epi_avx512, layer_norm_row_avx512,
+static void dw_plane_avx512(const float* pad, int64_t Wp, const float* w, const ak_conv_geom* g,
+                            float bias, const float* res, float* out, const ak_epilogue* epi) {
+  const __m512 b = _mm512_set1_ps(bias);
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i strided = _mm512_mullo_epi32(lanes, _mm512_set1_epi32((int)g->SW));
+  const int64_t taps = g->KH * g->KW;
+  for (int64_t oy = 0; oy < g->OH; ++oy) {
+    float* o = out + oy * g->OW;
+    const float* r = res ? res + oy * g->OW : NULL;
+    for (int64_t ox0 = 0; ox0 < g->OW; ox0 += 16) {
+      const __mmask16 m = tail_mask(g->OW - ox0);
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t t = 0; t < taps; ++t) {
+        const int64_t ky = t / g->KW, kx = t % g->KW;
+        const float* src = pad + (oy * g->SH + ky * g->DH) * Wp + ox0 * g->SW + kx * g->DW;
+        __m512 v;
+        if (g->SW == 1) v = _mm512_loadu_ps(src);
+        else if (g->SW == 2)
+          v = _mm512_permutex2var_ps(_mm512_loadu_ps(src), even, _mm512_loadu_ps(src + 16));
+        else v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, strided, src, 4);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(w[t]), v, acc);
+      }
+      _mm512_mask_storeu_ps(o + ox0, m, v_epi(acc, b, r ? r + ox0 : NULL, m, epi));
+    }
+  }
+}
+
+/* dst[0, len) = (0 <= t < lo or hi <= t) ? 0 : src[t], len <= 32, unit stride, masked ops. */
+AK_INLINE void run_copy(float* dst, const float* src, int64_t lo, int64_t hi, int64_t len) {
+  for (int64_t t0 = 0; t0 < len; t0 += 16) {
+    const __mmask16 in_len = tail_mask(len - t0);
+    const int64_t a = lo - t0 < 0 ? 0 : lo - t0, b = hi - t0 < 0 ? 0 : hi - t0;
+    const __mmask16 valid = (__mmask16)(tail_mask(b) & ~tail_mask(a)) & in_len;
+    _mm512_mask_storeu_ps(dst + t0, in_len, _mm512_maskz_loadu_ps(valid, src + t0));
+  }
+}
+
+static void im2col_avx512(const ak_conv_geom* cg, const float* x, int64_t n0, int64_t nv,
+                          float* dst) {
+  if (cg->SW != 1) { /* strided windows: the scalar copies beat masked gathers (measured) */
+    ak_im2col_portable(cg, x, n0, nv, dst);
+    return;
+  }
+  const int64_t SW = 1;
+  int64_t run_j[AK_NR], run_len[AK_NR], run_oy[AK_NR], run_ox[AK_NR];
+  int runs = 0;
+  for (int64_t j = 0, oy = n0 / cg->OW, ox = n0 % cg->OW; j < nv; ++runs, ox = 0, ++oy) {
+    const int64_t len = cg->OW - ox < nv - j ? cg->OW - ox : nv - j;
+    run_j[runs] = j; run_len[runs] = len; run_oy[runs] = oy; run_ox[runs] = ox;
+    j += len;
+  }
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t c = 0; c < cg->C; ++c) {
+    const float* xc = x + c * cg->H * cg->W;
+    for (int64_t ky = 0; ky < cg->KH; ++ky) {
+      for (int64_t kx = 0; kx < cg->KW; ++kx) {
+        float* d = dst + ((c * cg->KH + ky) * cg->KW + kx) * AK_NR;
+        _mm512_store_ps(d, zero); /* zeros past nv; runs overwrite the rest */
+        _mm512_store_ps(d + 16, zero);
+        for (int r = 0; r < runs; ++r) {
+          const int64_t iy = run_oy[r] * cg->SH - cg->PH + ky * cg->DH;
+          if (iy < 0 || iy >= cg->H) continue;
+          const int64_t ix0 = run_ox[r] * SW - cg->PW + kx * cg->DW;
+          run_copy(d + run_j[r], xc + iy * cg->W + ix0, ix0 < 0 ? -ix0 : 0, cg->W - ix0,
+                   run_len[r]);
+        }
+      }
+    }
+  }
+}
+
+const ak_isa_table ak_avx512_table = {ukr_avx512, im2col_avx512, dw_plane_avx512, row_epi_avx512, layer_norm_row_avx512,
                                       softmax_row_avx512};

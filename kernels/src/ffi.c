@@ -247,9 +247,10 @@ static int ak_bmm(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* resul
   return 0;
 }
 
-/* conv2d(x[N, C, H, W], w[Cout, C/groups, KH, KW], bias[Cout] | [0], res | [0], groups, SH, SW,
- *        PH, PW, DH, DW, act, res_mode, lo, hi, scale, out[N, Cout, OH, OW]); PH/PW are the
- *        top/left pads (the bottom/right ones follow from OH/OW; reads outside are zeros). */
+/* conv2d(x[N, C, H, W], w, bias[Cout] | [0], res | [0], groups, SH, SW, PH, PW, DH, DW, act,
+ *        res_mode, lo, hi, scale, out[N, Cout, OH, OW]); w is OIHW [Cout, C/groups, KH, KW] or
+ *        packed [groups, ceil(Cout/groups/MR), C/groups, KH, KW, MR]. PH/PW are the top/left
+ *        pads (the bottom/right ones follow from OH/OW; reads outside the input are zeros). */
 static int ak_conv2d(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
   (void)self; (void)result;
   ak_call c = {"accelkit.cpu.conv2d", args, n};
@@ -257,7 +258,7 @@ static int ak_conv2d(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* re
                           "hi, scale, out"));
   DLTensor *x, *w, *bias, *res, *out;
   AK_NEED(x = ak_f32(&c, 0, "x", 4, 4));
-  AK_NEED(w = ak_f32(&c, 1, "w", 4, 4));
+  AK_NEED(w = ak_f32(&c, 1, "w", 4, 6));
   AK_NEED(bias = ak_f32(&c, 2, "bias", 1, 1));
   AK_NEED(res = ak_f32(&c, 3, "res", 1, 4));
   AK_NEED(out = ak_f32(&c, 16, "out", 4, 4));
@@ -269,26 +270,39 @@ static int ak_conv2d(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* re
     AK_TRY(ak_int(&c, 5 + i, names[i], (i == 2 || i == 3) ? 0 : 1, 1 << 20, &v[i]));
   ak_epilogue e;
   AK_TRY(ak_epi(&c, 11, &e));
-  const int64_t N = x->shape[0], C = x->shape[1], cout = w->shape[0];
-  if (C % groups || cout % groups || w->shape[1] != C / groups)
-    return ak_fail(&c, "ValueError", "w [%lld, %lld, ...] does not fit %lld input channels in "
-                   "%lld groups", (long long)cout, (long long)w->shape[1], (long long)C,
-                   (long long)groups);
-  if (out->shape[0] != N || out->shape[1] != cout)
-    return ak_fail(&c, "ValueError", "out must be [%lld, %lld, OH, OW]", (long long)N,
-                   (long long)cout);
+  const int64_t N = x->shape[0], C = x->shape[1], cout = out->shape[1];
+  const int packed = w->ndim == 6;
+  if (w->ndim == 5)
+    return ak_fail(&c, "ValueError", "w must be OIHW (rank 4) or packed (rank 6), not rank 5");
+  const int64_t cg = packed ? w->shape[2] : w->shape[1];
+  const int64_t kh = packed ? w->shape[3] : w->shape[2], kw = packed ? w->shape[4] : w->shape[3];
+  if (C % groups || cout % groups || cg != C / groups)
+    return ak_fail(&c, "ValueError", "w (%lld input channels per group) does not fit %lld input "
+                   "channels in %lld groups", (long long)cg, (long long)C, (long long)groups);
+  if (packed) {
+    const int64_t tiles = (cout / groups + AK_MR - 1) / AK_MR;
+    if (w->shape[0] != groups || w->shape[1] != tiles || w->shape[5] != AK_MR)
+      return ak_fail(&c, "ValueError", "packed w must be [%lld, %lld, C/groups, KH, KW, %d] for "
+                     "%lld output channels", (long long)groups, (long long)tiles, AK_MR,
+                     (long long)cout);
+  } else if (w->shape[0] != cout) {
+    return ak_fail(&c, "ValueError", "w has %lld output channels but out has %lld",
+                   (long long)w->shape[0], (long long)cout);
+  }
+  if (out->shape[0] != N)
+    return ak_fail(&c, "ValueError", "out must be [%lld, Cout, OH, OW]", (long long)N);
   if (ak_numel(bias) != 0 && ak_numel(bias) != cout)
     return ak_fail(&c, "ValueError", "bias must have %lld elements", (long long)cout);
   if (e.res_mode != AK_RES_NONE) AK_TRY(ak_same_shape(&c, res, out, "res", "out"));
-  ak_conv_geom g = {C / groups, x->shape[2], x->shape[3], w->shape[2], w->shape[3],
+  ak_conv_geom g = {C / groups, x->shape[2], x->shape[3], kh, kw,
                     out->shape[2], out->shape[3], v[0], v[1], v[2], v[3], v[4], v[5]};
   if (ak_numel(out) == 0) return 0;
   const float* b = AK_OPT(bias);
   const float* r = e.res_mode ? AK_DATA(res) : NULL;
-  if (groups == C && groups == cout && groups > 1)
+  if (!packed && groups == C && groups == cout && groups > 1)
     ak_depthwise_f32(AK_DATA(x), AK_DATA(w), b, r, AK_DATA(out), N, C, &g, e);
   else
-    ak_conv2d_f32(AK_DATA(x), AK_DATA(w), b, r, AK_DATA(out), N, groups, &g, cout, e);
+    ak_conv2d_f32(AK_DATA(x), AK_DATA(w), packed, b, r, AK_DATA(out), N, groups, &g, cout, e);
   return 0;
 }
 

@@ -86,48 +86,81 @@ void ak_pack_b_f32(const float* b, int64_t K, int64_t N, int transposed, float* 
 static void pack_rowmajor(const ak_gemm* g, int64_t bi, int64_t n0, float* dst) {
   const float* src = g->b + bi * g->b_bstride + n0;
   const int64_t nv = g->N - n0 < AK_NR ? g->N - n0 : AK_NR;
+  if (nv == AK_NR) {
+    for (int64_t k = 0; k < g->K; ++k) {
+      const float* s = src + k * g->ldb;
+      float* d = dst + k * AK_NR;
+#pragma GCC unroll 32
+      for (int j = 0; j < AK_NR; ++j) d[j] = s[j];
+    }
+    return;
+  }
   for (int64_t k = 0; k < g->K; ++k) {
     float* d = dst + k * AK_NR;
     memcpy(d, src + k * g->ldb, (size_t)nv * sizeof(float));
-    if (nv < AK_NR) memset(d + nv, 0, (size_t)(AK_NR - nv) * sizeof(float));
+    memset(d + nv, 0, (size_t)(AK_NR - nv) * sizeof(float));
   }
 }
 
-/* im2col straight into a panel: B[(c, ky, kx)][(oy, ox)] = x[c, oy*SH-PH+ky*DH, ox*SW-PW+kx*DW]. */
-static void pack_im2col(const ak_gemm* g, int64_t bi, int64_t n0, float* dst) {
-  const ak_conv_geom* cg = g->conv;
-  const float* x = g->b + bi * g->b_bstride;
-  const int64_t nv = g->N - n0 < AK_NR ? g->N - n0 : AK_NR;
-  int64_t iy0[AK_NR], ix0[AK_NR];
-  int64_t oy = n0 / cg->OW, ox = n0 % cg->OW;
-  for (int64_t j = 0; j < nv; ++j) {
-    iy0[j] = oy * cg->SH - cg->PH;
-    ix0[j] = ox * cg->SW - cg->PW;
-    if (++ox == cg->OW) { ox = 0; ++oy; }
+/* im2col straight into a panel: B[(c, ky, kx)][(oy, ox)] = x[c, oy*SH-PH+ky*DH, ox*SW-PW+kx*DW].
+ * The panel's columns split into runs within one output row; each run reads one input row, so
+ * it is a zero head, a (strided) copy and a zero tail: no per-element bounds checks. */
+/* Runs are short (<= NR floats): inline loops, not libc calls (gcc would turn them back into
+ * memcpy/memset calls without the attribute, which cost more than the copy at this size). */
+#define AK_SHORT_COPIES __attribute__((optimize("no-tree-loop-distribute-patterns")))
+
+AK_SHORT_COPIES void ak_im2col_portable(const ak_conv_geom* cg, const float* x, int64_t n0,
+                                        int64_t nv, float* dst) {
+  int64_t run_j[AK_NR], run_len[AK_NR], run_oy[AK_NR], run_ox[AK_NR];
+  int runs = 0;
+  for (int64_t j = 0, oy = n0 / cg->OW, ox = n0 % cg->OW; j < nv; ++runs, ox = 0, ++oy) {
+    const int64_t len = cg->OW - ox < nv - j ? cg->OW - ox : nv - j;
+    run_j[runs] = j; run_len[runs] = len; run_oy[runs] = oy; run_ox[runs] = ox;
+    j += len;
   }
-  /* one output row segment without padding: plain strided copies */
-  const int one_row = iy0[0] == iy0[nv - 1];
   for (int64_t c = 0; c < cg->C; ++c) {
     const float* xc = x + c * cg->H * cg->W;
     for (int64_t ky = 0; ky < cg->KH; ++ky) {
       for (int64_t kx = 0; kx < cg->KW; ++kx) {
         float* d = dst + ((c * cg->KH + ky) * cg->KW + kx) * AK_NR;
-        const int64_t dy = ky * cg->DH, dx = kx * cg->DW;
-        const int64_t iy = iy0[0] + dy, ixa = ix0[0] + dx, ixb = ix0[nv - 1] + dx;
-        if (one_row && iy >= 0 && iy < cg->H && ixa >= 0 && ixb < cg->W) {
-          const float* s = xc + iy * cg->W + ixa;
-          if (cg->SW == 1) memcpy(d, s, (size_t)nv * sizeof(float));
-          else for (int64_t j = 0; j < nv; ++j) d[j] = s[j * cg->SW];
-        } else {
-          for (int64_t j = 0; j < nv; ++j) {
-            const int64_t yy = iy0[j] + dy, xx = ix0[j] + dx;
-            d[j] = (yy >= 0 && yy < cg->H && xx >= 0 && xx < cg->W) ? xc[yy * cg->W + xx] : 0.f;
+        for (int r = 0; r < runs; ++r) {
+          float* dd = d + run_j[r];
+          const int64_t len = run_len[r];
+          const int64_t iy = run_oy[r] * cg->SH - cg->PH + ky * cg->DH;
+          if (iy < 0 || iy >= cg->H) {
+            for (int64_t t = 0; t < len; ++t) dd[t] = 0.f;
+            continue;
           }
+          const int64_t ix0 = run_ox[r] * cg->SW - cg->PW + kx * cg->DW;
+          int64_t lo, hi; /* the valid t: 0 <= ix0 + t*SW < W (no divisions for SW = 1, 2) */
+          if (cg->SW == 1) {
+            lo = ix0 < 0 ? -ix0 : 0;
+            hi = cg->W - ix0;
+          } else if (cg->SW == 2) {
+            lo = ix0 < 0 ? (1 - ix0) >> 1 : 0;
+            hi = ix0 > cg->W - 1 ? 0 : ((cg->W - 1 - ix0) >> 1) + 1;
+          } else {
+            lo = ix0 < 0 ? (-ix0 + cg->SW - 1) / cg->SW : 0;
+            hi = ix0 > cg->W - 1 ? 0 : (cg->W - 1 - ix0) / cg->SW + 1;
+          }
+          if (lo > len) lo = len;
+          if (hi > len) hi = len;
+          if (hi < lo) hi = lo;
+          const float* src = xc + iy * cg->W + ix0;
+          for (int64_t t = 0; t < lo; ++t) dd[t] = 0.f;
+          if (cg->SW == 1) for (int64_t t = lo; t < hi; ++t) dd[t] = src[t];
+          else for (int64_t t = lo; t < hi; ++t) dd[t] = src[t * cg->SW];
+          for (int64_t t = hi; t < len; ++t) dd[t] = 0.f;
         }
         for (int64_t j = nv; j < AK_NR; ++j) d[j] = 0.f;
       }
     }
   }
+}
+
+static void pack_im2col(const ak_gemm* g, int64_t bi, int64_t n0, float* dst) {
+  const int64_t nv = g->N - n0 < AK_NR ? g->N - n0 : AK_NR;
+  ak_table()->im2col(g->conv, g->b + bi * g->b_bstride, n0, nv, dst);
 }
 
 /* ---- GEMM -------------------------------------------------------------------------------- */
@@ -169,10 +202,51 @@ static void gemm_range(int64_t begin, int64_t end, void* ctx) {
     const float* res = g->res ? g->res + bi * g->r_bstride + n0 : NULL;
     for (int64_t m0 = m_begin; m0 < m_end; m0 += AK_MR) {
       const int mr = (int)(m_end - m0 < AK_MR ? m_end - m0 : AK_MR);
-      job->ukr(mr, g->K, a + m0 * g->lda, g->lda, panel, c + m0 * g->ldc, g->ldc, nv,
+      const float* at = g->a_prepacked ? a + (m0 / AK_MR) * g->K * AK_MR : a + m0 * g->lda;
+      job->ukr(mr, g->K, at, g->a_prepacked ? 0 : g->lda, panel, c + m0 * g->ldc, g->ldc, nv,
                bias && g->epi.bias_mode == AK_BIAS_COL ? bias + n0 : NULL,
                bias && g->epi.bias_mode == AK_BIAS_ROW ? bias + m0 : NULL,
                res ? res + m0 * g->ldr : NULL, g->ldr, &g->epi);
+    }
+  }
+}
+
+/* B-resident order: when a batch's whole B (packed) fits in L2 and A is the bigger operand (1x1
+ * and small-image convolutions: many output channels, few pixels), pack every panel once into a
+ * shared buffer, then give each thread whole m-tiles that sweep all panels: A is read once
+ * instead of once per panel. */
+#define AK_RESIDENT_B_BYTES (512 * 1024)
+
+typedef struct {
+  const ak_gemm_job* job;
+  float* packed; /* [P][K][NR] */
+  int64_t bi;
+} ak_resident_job;
+
+static void resident_pack_range(int64_t begin, int64_t end, void* ctx) {
+  const ak_resident_job* r = (const ak_resident_job*)ctx;
+  for (int64_t p = begin; p < end; ++p)
+    r->job->pack(r->job->g, r->bi, p * AK_NR, r->packed + p * r->job->g->K * AK_NR);
+}
+
+static void resident_tile_range(int64_t begin, int64_t end, void* ctx) {
+  const ak_resident_job* r = (const ak_resident_job*)ctx;
+  const ak_gemm* g = r->job->g;
+  const int64_t bi = r->bi;
+  const float* a = g->a + bi * g->a_bstride;
+  const float* bias = g->bias ? g->bias + bi * g->bias_bstride : NULL;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t m0 = t * AK_MR;
+    const int mr = (int)(g->M - m0 < AK_MR ? g->M - m0 : AK_MR);
+    const float* at = g->a_prepacked ? a + t * g->K * AK_MR : a + m0 * g->lda;
+    for (int64_t p = 0; p < r->job->P; ++p) {
+      const int64_t n0 = p * AK_NR;
+      const int nv = (int)(g->N - n0 < AK_NR ? g->N - n0 : AK_NR);
+      r->job->ukr(mr, g->K, at, g->a_prepacked ? 0 : g->lda, r->packed + p * g->K * AK_NR,
+                  g->c + bi * g->c_bstride + m0 * g->ldc + n0, g->ldc, nv,
+                  bias && g->epi.bias_mode == AK_BIAS_COL ? bias + n0 : NULL,
+                  bias && g->epi.bias_mode == AK_BIAS_ROW ? bias + m0 : NULL,
+                  g->res ? g->res + bi * g->r_bstride + m0 * g->ldr + n0 : NULL, g->ldr, &g->epi);
     }
   }
 }
@@ -185,7 +259,21 @@ void ak_gemm_f32(const ak_gemm* g) {
   job.ukr = ak_table()->ukr;
   job.P = (g->N + AK_NR - 1) / AK_NR;
   const int64_t mtiles = (g->M + AK_MR - 1) / AK_MR;
-  const int64_t want = 4 * (int64_t)ak_num_threads(), have = g->batch * job.P;
+  const int64_t threads = ak_num_threads();
+  const size_t b_bytes = (size_t)job.P * (size_t)g->K * AK_NR * sizeof(float);
+  if (!g->b_prepacked && b_bytes <= AK_RESIDENT_B_BYTES && g->M >= g->N &&
+      mtiles >= 4 * threads) {
+    float* packed = ak_scratch(b_bytes / sizeof(float)); /* the calling thread's */
+    if (packed) {
+      for (int64_t bi = 0; bi < g->batch; ++bi) {
+        ak_resident_job r = {&job, packed, bi};
+        ak_parallel_range(resident_pack_range, &r, job.P);
+        ak_parallel_range(resident_tile_range, &r, mtiles);
+      }
+      return;
+    }
+  }
+  const int64_t want = 4 * threads, have = g->batch * job.P;
   int64_t chunks = have >= want ? 1 : (want + have - 1) / have;
   if (chunks > mtiles) chunks = mtiles;
   job.mrows = ((mtiles + chunks - 1) / chunks) * AK_MR;
@@ -195,9 +283,9 @@ void ak_gemm_f32(const ak_gemm* g) {
 
 /* ---- convolution ------------------------------------------------------------------------- */
 
-void ak_conv2d_f32(const float* x, const float* w, const float* bias, const float* res,
-                   float* out, int64_t n, int64_t groups, const ak_conv_geom* cg, int64_t cout,
-                   ak_epilogue epi) {
+void ak_conv2d_f32(const float* x, const float* w, int w_packed, const float* bias,
+                   const float* res, float* out, int64_t n, int64_t groups,
+                   const ak_conv_geom* cg, int64_t cout, ak_epilogue epi) {
   const int64_t coutg = cout / groups, K = cg->C * cg->KH * cg->KW, N = cg->OH * cg->OW;
   const int pointwise = cg->KH == 1 && cg->KW == 1 && cg->SH == 1 && cg->SW == 1 &&
                         cg->PH == 0 && cg->PW == 0 && cg->OH == cg->H && cg->OW == cg->W;
@@ -206,7 +294,8 @@ void ak_conv2d_f32(const float* x, const float* w, const float* bias, const floa
     ak_gemm g;
     memset(&g, 0, sizeof(g));
     g.batch = groups; g.M = coutg; g.N = N; g.K = K;
-    g.a = w; g.lda = K; g.a_bstride = coutg * K;
+    g.a = w; g.lda = K; g.a_prepacked = w_packed;
+    g.a_bstride = w_packed ? ((coutg + AK_MR - 1) / AK_MR) * AK_MR * K : coutg * K;
     g.b = x + i * groups * cg->C * cg->H * cg->W; g.ldb = N; g.b_bstride = cg->C * cg->H * cg->W;
     g.pack = pointwise ? NULL : pack_im2col;
     g.conv = cg;
@@ -242,9 +331,10 @@ static inline __attribute__((always_inline)) void depthwise_range(int64_t begin,
   const int64_t need = flat ? SW * (grid - 1) + (g->KH - 1) * g->DH * Wp + (g->KW - 1) * g->DW + 1
                             : ((g->OH - 1) * SH + (g->KH - 1) * g->DH + 1) * Wp;
   const int64_t Hp = (need + Wp - 1) / Wp;
-  float* pad = ak_scratch((size_t)(Hp * Wp + grid));
+  float* pad = ak_scratch((size_t)(Hp * Wp + 64 + grid));
   if (!pad) return;
-  float* acc = pad + Hp * Wp;
+  memset(pad + Hp * Wp, 0, 64 * sizeof(float)); /* slack the vector loads may read */
+  float* acc = pad + Hp * Wp + 64;
   const int64_t copy = g->W < Wp - g->PW ? g->W : (Wp - g->PW > 0 ? Wp - g->PW : 0);
   for (int64_t idx = begin; idx < end; ++idx) {
     const int64_t c = idx % job->C;
@@ -264,6 +354,10 @@ static inline __attribute__((always_inline)) void depthwise_range(int64_t begin,
     float* o = job->out + idx * g->OH * g->OW;
     const float* r = job->res ? job->res + idx * g->OH * g->OW : NULL;
     const float bias = job->bias ? job->bias[c] : 0.f;
+    if (isa->dw_plane) {
+      isa->dw_plane(pad, Wp, w, g, bias, r, o, &job->epi);
+      continue;
+    }
     if (flat) {
       memset(acc, 0, (size_t)grid * sizeof(float));
       for (int64_t ky = 0; ky < g->KH; ++ky) {

@@ -34,7 +34,7 @@ static void ukr_portable(int mr, int64_t K, const float* a, int64_t lda, const f
   for (int64_t k = 0; k < K; ++k) {
     const float* b = bp + k * AK_NR;
     for (int i = 0; i < mr; ++i) {
-      const float av = a[i * lda + k];
+      const float av = lda ? a[i * lda + k] : a[k * AK_MR + i];
       for (int j = 0; j < AK_NR; ++j) acc[i][j] += av * b[j];
     }
   }
@@ -80,5 +80,5 @@ static void softmax_row_portable(const float* x, const float* gamma, const float
   for (int64_t j = 0; j < D; ++j) out[j] *= inv;
 }
 
-const ak_isa_table ak_portable_table = {ukr_portable, row_epi_portable, layer_norm_row_portable,
+const ak_isa_table ak_portable_table = {ukr_portable, ak_im2col_portable, NULL, row_epi_portable, layer_norm_row_portable,
                                         softmax_row_portable};
