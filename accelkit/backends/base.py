@@ -143,12 +143,16 @@ class TVMBackend(Backend):
         """Register this backend's kernels (TVM-FFI global functions) in the current process."""
 
     def passes(self, target: tvm.target.Target) -> list[tvm.transform.Pass]:
-        """Relax passes lowering what the patterns left to TVM-generated code."""
+        """Relax passes lowering what the patterns left to TVM-generated code: TVM's CPU pipeline
+        plus accelkit's default schedules (parallel + vectorised loops) after fusion."""
         from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+        from accelkit.schedules import default_schedule
 
         return (
             cpu_generic.library_dispatch_passes(target)
             + cpu_generic.legalize_passes(target)
+            + [default_schedule(target)]
             + cpu_generic.dataflow_lower_passes(target)
             + cpu_generic.finalize_passes(target)
         )
@@ -199,6 +203,9 @@ class TVMBackend(Backend):
         import tvm
         from tvm import relax
 
+        from accelkit import threads
+
+        threads.configure()  # size TVM's pool (all cores) before its first parallel loop
         self.load_kernels()
         lib = tvm.runtime.load_module(os.path.join(directory, manifest["library"]))
         return _VMRunner(relax.VirtualMachine(lib, self.device()), self.device())
