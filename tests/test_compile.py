@@ -17,8 +17,9 @@ def test_cpu_matches_reference_and_offloads_dense(mlp_compiled, mlp_path):
     ref = accelkit.compile(mlp_path, backend="reference").run(feeds)
     assert len(out) == 1 and out[0].shape == (8, 16) and out[0].dtype == np.float32
     assert relative_l2(out[0], ref[0]) < 1e-5
-    # fc1 (MatMul+Add+Relu) and fc2 (bias-first Add) both went to the C kernels
-    assert mlp_compiled.manifest["offloaded"] == {"cpu.dense_bias_relu": 1, "cpu.dense_bias": 1}
+    # fc1 (MatMul+Add+Relu), fc2 (bias-first Add) and the softmax all went to the C kernels
+    assert mlp_compiled.manifest["offloaded"] == {"cpu.dense_bias_relu": 1, "cpu.dense_bias": 1,
+                                                  "cpu.softmax": 1}
 
 
 def test_cpu_matches_onnxruntime():
