@@ -4,8 +4,12 @@ against numpy's matmul (OpenBLAS) on the same shapes, in the same run. Each grou
 docs/KERNELS.md.
 
     pytest benchmarks/test_kernels_bench.py --benchmark-only --benchmark-group-by=group"""
+import time
+
 import numpy as np
 import pytest
+
+SETTLE_S = 0.5  # numpy's OpenBLAS threads and TVM's pool spin a while after their last call
 
 SHAPES = [(64, 1024, 512), (64, 512, 1024), (128, 768, 3072), (128, 3072, 768), (1, 768, 768)]
 
@@ -28,7 +32,7 @@ def _operands(shape):
     m, k, n = shape
     rng = np.random.default_rng(0)
     return (rng.standard_normal((m, k)).astype(np.float32),
-            rng.standard_normal((k, n)).astype(np.float32) / np.sqrt(k),
+            (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32),
             rng.standard_normal(n).astype(np.float32))
 
 
@@ -57,6 +61,7 @@ def test_accelkit_dense_bias_relu(benchmark, dense, shape):
     call()
     np.testing.assert_allclose(out.numpy(), np.maximum(x @ w + b, 0), rtol=1e-3, atol=1e-3)
     _record(benchmark, shape)
+    time.sleep(SETTLE_S)
     benchmark.pedantic(call, rounds=50, warmup_rounds=5, iterations=1)
     _gflops(benchmark)
 
@@ -64,8 +69,10 @@ def test_accelkit_dense_bias_relu(benchmark, dense, shape):
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 def test_numpy_matmul(benchmark, shape):
     x, w, _ = _operands(shape)
+    assert x.dtype == w.dtype == np.float32  # a float64 operand would time numpy's dgemm
     out = np.empty((shape[0], shape[2]), np.float32)
     _record(benchmark, shape)
+    time.sleep(SETTLE_S)
     benchmark.pedantic(np.matmul, args=(x, w), kwargs={"out": out}, rounds=50, warmup_rounds=5,
                        iterations=1)
     _gflops(benchmark)
