@@ -68,3 +68,48 @@ def pool_size() -> int:
     configure()
     _started = True
     return int(tvm_ffi.get_global_func("runtime.NumThreads")())
+
+
+_caller: frozenset[int] | None = None
+_caller_checked = False
+
+
+def caller_cpus() -> frozenset[int] | None:
+    """CPUs the thread calling a model should run on while the model runs: the ones TVM did not
+    pin a pool worker to (TVM binds each worker to one core but leaves the calling thread, which
+    does the first share of every parallel loop, free to land on a worker's core; on 2 cores
+    that made whole runs 1.5x slower in some processes). None: do not pin (no pinned workers,
+    no free CPU, not Linux, or ACCELKIT_PIN_CALLER=0). Decided once, after the pool started."""
+    global _caller, _caller_checked
+    if _caller_checked:
+        return _caller
+    _caller_checked = True
+    if os.environ.get("ACCELKIT_PIN_CALLER", "1").strip() == "0" or not hasattr(os, "sched_setaffinity"):
+        return None
+    pinned: set[int] = set()
+    try:
+        mine = os.sched_getaffinity(0)
+        for task in os.listdir("/proc/self/task"):
+            cpus = os.sched_getaffinity(int(task))
+            if len(cpus) == 1 and len(mine) > 1:
+                pinned |= cpus
+    except OSError:
+        return None
+    free = mine - pinned
+    _caller = frozenset(free) if pinned and free else None
+    return _caller
+
+
+def run_on_caller_cpus(call):
+    """call() with the calling thread kept off the pool workers' cores (see caller_cpus)."""
+    cpus = caller_cpus()
+    if not cpus:
+        return call()
+    before = os.sched_getaffinity(0)
+    if before == cpus:
+        return call()
+    os.sched_setaffinity(0, cpus)
+    try:
+        return call()
+    finally:
+        os.sched_setaffinity(0, before)
