@@ -135,3 +135,54 @@ def test_variants_without_a_kernel_fall_back_to_tvm():
                        [helper.make_tensor_value_info("y", d, [3, 4])],
                        [numpy_helper.from_array(rng.standard_normal((5, 4)), "W")])
     check(proto, {}, tol=1e-12)
+
+
+FRESH = r"""
+import sys, numpy as np, accelkit
+model = accelkit.load(sys.argv[1])
+feeds = dict(np.load(sys.argv[2]))
+np.save(sys.argv[3], model.run(feeds)[0])
+"""
+
+
+def test_saved_artifact_with_every_kernel_runs_in_a_fresh_process(tmp_path):
+    """conv (packed weights + depthwise), dense, bmm, softmax and layer norm in one artifact: the
+    packed constants and kernel calls survive save -> load in a new process, on the portable
+    path too."""
+    import os
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(7)
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "Wd", "bd"], ["c2"], pads=[1, 1, 1, 1], group=8),
+        helper.make_node("Reshape", ["c2", "shape"], ["seq"]),              # [1, 8, 36]
+        helper.make_node("MatMul", ["seq", "Wq"], ["q"]),                   # [1, 8, 16]
+        helper.make_node("Transpose", ["q"], ["qt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "qt"], ["s"]),
+        helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "q"], ["ctx"]),
+        helper.make_node("LayerNormalization", ["ctx", "g", "b"], ["y"], axis=-1),
+    ]
+    inits = [const("W1", rng.standard_normal((8, 3, 3, 3)) * 0.3), const("b1", rng.standard_normal(8)),
+             const("Wd", rng.standard_normal((8, 1, 3, 3)) * 0.3), const("bd", rng.standard_normal(8)),
+             const("Wq", rng.standard_normal((36, 16)) * 0.2), const("g", rng.standard_normal(16)),
+             const("b", rng.standard_normal(16)),
+             numpy_helper.from_array(np.array([1, 8, 36], np.int64), "shape")]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 3, 6, 6])],
+                       [helper.make_tensor_value_info("y", F, [1, 8, 16])], inits)
+    model = check(proto, {"cpu.conv2d_bias_relu": 1, "cpu.conv2d_bias": 1, "cpu.dense": 1,
+                          "cpu.bmm": 2, "cpu.softmax": 1, "cpu.layer_norm": 1})
+    feeds = {"x": rng.standard_normal((1, 3, 6, 6)).astype(np.float32)}
+    want = model.run(feeds)[0]
+    artifact = model.save(tmp_path / "m.akx")
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    for portable in ("0", "1"):
+        out = tmp_path / f"out{portable}.npy"
+        env = {**os.environ, "ACCELKIT_PORTABLE_KERNELS": portable}
+        done = subprocess.run([sys.executable, "-c", FRESH, str(artifact), str(tmp_path / "feeds.npz"), str(out)],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr
+        assert relative_l2(np.load(out), want) < 1e-5
