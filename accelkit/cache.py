@@ -136,8 +136,14 @@ class Cache:
         # the files were verified just now; if this very build is already loaded in this
         # process, share its executable instead of loading (and copying its weights) again
         loaded_as = (path, tuple(sorted(manifest["files"].items())))
-        model = CompiledModel(backend, path, manifest, owns_directory=False,
-                              runner=_LOADED.get(loaded_as))
+        try:
+            model = CompiledModel(backend, path, manifest, owns_directory=False,
+                                  runner=_LOADED.get(loaded_as))
+        except ArtifactError as exc:  # e.g. it calls kernels this accelkit no longer has
+            warnings.warn(f"accelkit: {exc}; removing it and compiling again", CacheWarning,
+                          stacklevel=3)
+            self.remove(key)
+            return None
         _LOADED[loaded_as] = model._runner
         model.cache_status = "hit"
         return model

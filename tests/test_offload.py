@@ -186,3 +186,45 @@ def test_saved_artifact_with_every_kernel_runs_in_a_fresh_process(tmp_path):
                               capture_output=True, text=True, timeout=300, env=env)
         assert done.returncode == 0, done.stderr
         assert relative_l2(np.load(out), want) < 1e-5
+
+
+def test_build_that_calls_a_kernel_this_accelkit_lacks_is_refused_clearly(tmp_path):
+    """A build from another accelkit (its kernels renamed or gone) fails at load with an
+    ArtifactError naming the kernel, and the compile cache recompiles it instead of failing;
+    the cpu backend's fingerprint (hence the cache key) includes the kernel library's digest."""
+    import json
+    import os
+
+    from accelkit.backends.cpu import CPUBackend, kernels_digest
+    from accelkit.errors import ArtifactError
+    from conftest import mlp_model
+
+    assert len(kernels_digest()) == 16 and kernels_digest() in CPUBackend().fingerprint()
+    proto = mlp_model()
+    model = accelkit.compile(proto)
+    assert model.manifest["kernels"] == ["accelkit.cpu.dense", "accelkit.cpu.softmax"]
+    with pytest.raises(ArtifactError, match=r"calls kernel\(s\) accelkit.cpu.gone.*compile the model again"):
+        CPUBackend()._check_kernels({"kernels": ["accelkit.cpu.dense", "accelkit.cpu.gone"]})
+    # a stale cache entry (same key, its manifest naming a kernel that no longer exists), hit
+    # by a new process: removed with a CacheWarning and compiled again
+    onnx_path = tmp_path / "mlp.onnx"
+    onnx_path.write_bytes(proto.SerializeToString())
+    assert accelkit.compile(str(onnx_path)).cache_status in ("hit", "miss")
+    hit = accelkit.compile(str(onnx_path))
+    assert hit.cache_status == "hit"
+    path = os.path.join(hit._directory, "manifest.json")
+    manifest = json.load(open(path))
+    manifest["kernels"] = ["accelkit.cpu.gone"]
+    json.dump(manifest, open(path, "w"))
+    probe = ("import sys, warnings, accelkit\n"
+             "with warnings.catch_warnings(record=True) as caught:\n"
+             "    warnings.simplefilter('always')\n"
+             "    model = accelkit.compile(sys.argv[1])\n"
+             "print(model.cache_status, [str(w.message) for w in caught])")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", probe, str(onnx_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("miss") and "accelkit.cpu.gone" in done.stdout

@@ -196,8 +196,23 @@ class TVMBackend(Backend):
                 f"backend '{self.name}' failed to compile the model for {target}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
+        kernels = sorted({p.kernel for p in self.patterns() if p.name in offloaded})
         return {"target": str(target), "target_config": _target_config(target),
-                "offloaded": offloaded, "library": self.library_name}
+                "offloaded": offloaded, "kernels": kernels, "library": self.library_name}
+
+    def _check_kernels(self, manifest: dict[str, Any]) -> None:
+        """Every kernel the executable calls must be registered here: a missing one would only
+        fail in the middle of a run ("Cannot find function ...")."""
+        import tvm_ffi
+
+        from accelkit.errors import ArtifactError
+
+        missing = [k for k in manifest.get("kernels", []) if tvm_ffi.get_global_func(k, allow_missing=True) is None]
+        if missing:
+            raise ArtifactError(
+                f"the compiled model calls kernel(s) {', '.join(missing)}, which backend '{self.name}' "
+                f"of this accelkit does not provide (it was built by another accelkit version): "
+                f"compile the model again")
 
     def load(self, directory: str, manifest: dict[str, Any]) -> Runner:
         import tvm
@@ -207,6 +222,7 @@ class TVMBackend(Backend):
 
         threads.configure()  # size TVM's pool (all cores) before its first parallel loop
         self.load_kernels()
+        self._check_kernels(manifest)
         lib = tvm.runtime.load_module(os.path.join(directory, manifest["library"]))
         return _VMRunner(relax.VirtualMachine(lib, self.device()), self.device())
 

@@ -13,6 +13,7 @@ Whatever is not matched (or fails a check: dtype, symbolic shape, an unsupported
 stays with TVM-generated code, which the default schedules make parallel and vectorised."""
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import numpy as np
@@ -349,6 +350,23 @@ def norm_patterns(prefix: str = "cpu") -> list[KernelPattern]:
             KernelPattern(f"{prefix}.softmax", sm, (), "accelkit.cpu.softmax", build=build_sm)]
 
 
+@functools.cache
+def kernels_digest() -> str:
+    """sha256 (16 hex) of the built kernel extension: part of the backend's fingerprint, so a
+    rebuilt kernel library (new kernels, new calling conventions) never reuses a cached build."""
+    import hashlib
+    import importlib.util
+
+    spec = importlib.util.find_spec("accelkit._kernels")
+    if spec is None or not spec.origin:
+        return "missing"
+    digest = hashlib.sha256()
+    with open(spec.origin, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 class CPUBackend(TVMBackend):
     name = "cpu"
     description = "host CPU: TVM llvm codegen + accelkit fused C kernels"
@@ -367,6 +385,6 @@ class CPUBackend(TVMBackend):
     def fingerprint(self) -> str:
         from accelkit import __version__
 
-        return f"{super().fingerprint()};kernels={__version__}"
+        return f"{super().fingerprint()};kernels={__version__}+{kernels_digest()}"
 
 

@@ -290,6 +290,21 @@ void ak_conv2d_f32(const float* x, const float* w, int w_packed, const float* bi
   const int pointwise = cg->KH == 1 && cg->KW == 1 && cg->SH == 1 && cg->SW == 1 &&
                         cg->PH == 0 && cg->PW == 0 && cg->OH == cg->H && cg->OW == cg->W;
   epi.bias_mode = bias ? AK_BIAS_ROW : AK_BIAS_NONE;
+  if (groups == 1 && n > 1) { /* every image in one GEMM batch (shared weights): one launch */
+    ak_gemm g;
+    memset(&g, 0, sizeof(g));
+    g.batch = n; g.M = cout; g.N = N; g.K = K;
+    g.a = w; g.lda = K; g.a_prepacked = w_packed; g.a_bstride = 0;
+    g.b = x; g.ldb = N; g.b_bstride = cg->C * cg->H * cg->W;
+    g.pack = pointwise ? NULL : pack_im2col;
+    g.conv = cg;
+    g.c = out; g.ldc = N; g.c_bstride = cout * N;
+    g.bias = bias; g.bias_bstride = 0;
+    g.res = res; g.ldr = N; g.r_bstride = cout * N;
+    g.epi = epi;
+    ak_gemm_f32(&g);
+    return;
+  }
   for (int64_t i = 0; i < n; ++i) {
     ak_gemm g;
     memset(&g, 0, sizeof(g));
