@@ -140,6 +140,9 @@ CONVS = [  # (n, c, h, w, cout, k, stride, pads, dilation, groups)
     (1, 4, 7, 7, 4, 5, (3, 3), (2, 2, 2, 2), (1, 1), 4),        # depthwise, stride 3
     (1, 16, 5, 6, 72, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),      # many channels, few pixels:
     (2, 40, 4, 4, 100, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1),     # the B-resident GEMM order
+    (1, 16, 15, 13, 24, 1, (2, 2), (0, 0, 0, 0), (1, 1), 1),    # 1x1 stride 2 (downsample)
+    (1, 5, 23, 37, 16, 3, (2, 2), (1, 2, 0, 1), (1, 2), 1),     # stride 2, odd sizes, dilated
+    (2, 3, 41, 40, 8, 7, (2, 2), (3, 3, 3, 3), (1, 1), 1),      # the ResNet stem, batch 2
 ]
 
 
