@@ -183,96 +183,91 @@ def _name(prefix: str, kernel: str, bias: bool, res: str | None, act: str | None
     return f"{prefix}.{'_'.join(parts)}"
 
 
-def dense_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.dense") -> list[KernelPattern]:
-    """matmul(x[..., K], const W[K, N]) with its epilogue -> the packed dense kernel."""
+def _fused_patterns(prefix: str, name: str, kernel: str, core_op: str, channel_axis: int,
+                    core_args) -> list[KernelPattern]:
+    """One KernelPattern per epilogue variant of core_op(x, const W). The kernel takes
+    (x, weight, bias | [0], res | [0], *core ints, act, res_mode, lo, hi, scale).
+    `core_args(x, w, core)` checks the matched core call and returns ([x, weight const], core
+    ints), or None to leave it to TVM; the epilogue is read here, with the bias broadcast along
+    `channel_axis` of the output."""
+    from tvm import relax
     from tvm.relax.dpl import is_const, is_op, wildcard
 
     result = []
     for bias, res, act_name in _epilogue_variants():
         x, w, b, r = wildcard(), is_const(), is_const(), wildcard()
         act = _Act(act_name)
-        core = is_op("relax.matmul")(x, w)
+        core = is_op(core_op)(x, w)
         root = _fused(core, b if bias else None, r, res, act)
 
         def build(matches, x=x, w=w, b=b, r=r, core=core, bias=bias, res=res, act=act, root=root):
-            from tvm import relax
-
-            xs, ws, out = _f32(matches[x], range(1, 9)), _f32(matches[w], (2,)), _f32(matches[core])
-            if xs is None or ws is None or out is None or xs[-1] != ws[0] or len(xs) < 2:
+            out = _f32(matches[core])
+            if out is None:
                 return None
-            n = ws[1]
-            bias_vec = _bias_vector(matches[b], n, len(out) - 1, len(out)) if bias else None
+            axis = channel_axis % len(out)
+            bias_vec = _bias_vector(matches[b], out[axis], axis, len(out)) if bias else None
             if bias and bias_vec is None:
                 return None
             if res and _f32(matches[r]) != out:
                 return None
             params = act.params(matches, matches[root]) if act.name else (0, 0.0, 0.0)
-            if params is None:
+            head = core_args(matches[x], matches[w], matches[core]) if params is not None else None
+            if head is None:
                 return None
+            (operand, weight), ints = head
             code, lo, hi = params
-            packed = relax.const(pack_weight(_const_value(matches[w]).astype(np.float32)))
-            return ([matches[x], packed, relax.const(bias_vec) if bias else _empty(),
+            return ([operand, weight, relax.const(bias_vec) if bias else _empty(),
                      matches[r] if res else _empty()]
-                    + _ints(n, code, {"pre": 1, "post": 2, None: 0}[res]) + _floats(lo, hi, 1.0))
+                    + _ints(*ints, code, {"pre": 1, "post": 2, None: 0}[res]) + _floats(lo, hi, 1.0))
 
-        result.append(KernelPattern(_name(prefix, "dense", bias, res, act_name), root, (), kernel,
+        result.append(KernelPattern(_name(prefix, name, bias, res, act_name), root, (), kernel,
                                     build=build))
     return result
+
+
+def _dense_args(x, w, core):
+    from tvm import relax
+
+    xs, ws = _f32(x, range(2, 9)), _f32(w, (2,))
+    if xs is None or ws is None or xs[-1] != ws[0]:
+        return None
+    return [x, relax.const(pack_weight(_const_value(w).astype(np.float32)))], (ws[1],)
+
+
+def _conv2d_args(x, w, conv):
+    from tvm import relax
+
+    attrs = conv.attrs
+    xs, ws, out = _f32(x, (4,)), _f32(w, (4,)), _f32(conv, (4,))
+    if xs is None or ws is None or out is None:
+        return None
+    if (attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW"
+            or attrs.out_layout not in ("NCHW", "") or str(attrs.out_dtype) not in ("float32", "", "None", "void")):
+        return None
+    groups = int(attrs.groups)
+    stride = [int(v) for v in attrs.strides]
+    pad = [int(v) for v in attrs.padding]
+    dilation = [int(v) for v in attrs.dilation]
+    if len(pad) == 2:
+        pad = pad * 2
+    if len(stride) != 2 or len(dilation) != 2 or len(pad) != 4:
+        return None
+    weight = _const_value(w).astype(np.float32)
+    depthwise = groups > 1 and groups == xs[1] == out[1] and ws[1] == 1
+    if not depthwise:  # the GEMM path: weights as packed A micro-panels
+        weight = pack_conv_weight(weight, groups)
+    return [x, relax.const(weight)], (groups, stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1])
+
+
+def dense_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.dense") -> list[KernelPattern]:
+    """matmul(x[..., K], const W[K, N]) with its epilogue -> the packed dense kernel."""
+    return _fused_patterns(prefix, "dense", kernel, "relax.matmul", -1, _dense_args)
 
 
 def conv2d_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.conv2d") -> list[KernelPattern]:
     """conv2d(x NCHW, const W OIHW) with its epilogue -> the conv kernel (im2col GEMM, or the
     direct depthwise kernel)."""
-    from tvm.relax.dpl import is_const, is_op, wildcard
-
-    result = []
-    for bias, res, act_name in _epilogue_variants():
-        x, w, b, r = wildcard(), is_const(), is_const(), wildcard()
-        act = _Act(act_name)
-        core = is_op("relax.nn.conv2d")(x, w)
-        root = _fused(core, b if bias else None, r, res, act)
-
-        def build(matches, x=x, w=w, b=b, r=r, core=core, bias=bias, res=res, act=act, root=root):
-            from tvm import relax
-
-            conv = matches[core]
-            attrs = conv.attrs
-            xs, ws, out = _f32(matches[x], (4,)), _f32(matches[w], (4,)), _f32(conv, (4,))
-            if xs is None or ws is None or out is None:
-                return None
-            if (attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW"
-                    or attrs.out_layout not in ("NCHW", "") or str(attrs.out_dtype) not in ("float32", "", "None", "void")):
-                return None
-            groups = int(attrs.groups)
-            stride = [int(v) for v in attrs.strides]
-            pad = [int(v) for v in attrs.padding]
-            dilation = [int(v) for v in attrs.dilation]
-            if len(pad) == 2:
-                pad = pad * 2
-            if len(stride) != 2 or len(dilation) != 2 or len(pad) != 4:
-                return None
-            bias_vec = _bias_vector(matches[b], out[1], 1, 4) if bias else None
-            if bias and bias_vec is None:
-                return None
-            if res and _f32(matches[r]) != out:
-                return None
-            params = act.params(matches, matches[root]) if act.name else (0, 0.0, 0.0)
-            if params is None:
-                return None
-            code, lo, hi = params
-            weight = _const_value(matches[w]).astype(np.float32)
-            depthwise = groups > 1 and groups == xs[1] == out[1] and ws[1] == 1
-            if not depthwise:  # the GEMM path: weights as packed A micro-panels
-                weight = pack_conv_weight(weight, groups)
-            return ([matches[x], relax.const(weight), relax.const(bias_vec) if bias else _empty(),
-                     matches[r] if res else _empty()]
-                    + _ints(groups, stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
-                            code, {"pre": 1, "post": 2, None: 0}[res])
-                    + _floats(lo, hi, 1.0))
-
-        result.append(KernelPattern(_name(prefix, "conv2d", bias, res, act_name), root, (), kernel,
-                                    build=build))
-    return result
+    return _fused_patterns(prefix, "conv2d", kernel, "relax.nn.conv2d", 1, _conv2d_args)
 
 
 def bmm_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.bmm") -> list[KernelPattern]:
