@@ -118,6 +118,9 @@ typedef void (*ak_im2col_fn)(const ak_conv_geom* cg, const float* x, int64_t n0,
                              float* dst);
 void ak_im2col_portable(const ak_conv_geom* cg, const float* x, int64_t n0, int64_t nv,
                         float* dst);
+/* The columns [n0, n0 + nv) of an im2col panel split into runs within one output row. */
+typedef struct { int64_t j, len, oy, ox; } ak_im2col_run;
+int ak_im2col_runs(const ak_conv_geom* cg, int64_t n0, int64_t nv, ak_im2col_run runs[AK_NR]);
 typedef struct {
   ak_ukr_fn ukr;
   ak_im2col_fn im2col;

@@ -265,13 +265,8 @@ static void im2col_avx512(const ak_conv_geom* cg, const float* x, int64_t n0, in
     return;
   }
   const int64_t SW = cg->SW;
-  int64_t run_j[AK_NR], run_len[AK_NR], run_oy[AK_NR], run_ox[AK_NR];
-  int runs = 0;
-  for (int64_t j = 0, oy = n0 / cg->OW, ox = n0 % cg->OW; j < nv; ++runs, ox = 0, ++oy) {
-    const int64_t len = cg->OW - ox < nv - j ? cg->OW - ox : nv - j;
-    run_j[runs] = j; run_len[runs] = len; run_oy[runs] = oy; run_ox[runs] = ox;
-    j += len;
-  }
+  ak_im2col_run run[AK_NR];
+  const int runs = ak_im2col_runs(cg, n0, nv, run);
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t c = 0; c < cg->C; ++c) {
     const float* xc = x + c * cg->H * cg->W;
@@ -281,17 +276,17 @@ static void im2col_avx512(const ak_conv_geom* cg, const float* x, int64_t n0, in
         _mm512_store_ps(d, zero); /* zeros past nv; runs overwrite the rest */
         _mm512_store_ps(d + 16, zero);
         for (int r = 0; r < runs; ++r) {
-          const int64_t iy = run_oy[r] * cg->SH - cg->PH + ky * cg->DH;
+          const int64_t iy = run[r].oy * cg->SH - cg->PH + ky * cg->DH;
           if (iy < 0 || iy >= cg->H) continue;
-          const int64_t ix0 = run_ox[r] * SW - cg->PW + kx * cg->DW;
+          const int64_t ix0 = run[r].ox * SW - cg->PW + kx * cg->DW;
           if (SW == 1) {
-            run_copy(d + run_j[r], xc + iy * cg->W + ix0, ix0 < 0 ? -ix0 : 0, cg->W - ix0,
-                     run_len[r]);
+            run_copy(d + run[r].j, xc + iy * cg->W + ix0, ix0 < 0 ? -ix0 : 0, cg->W - ix0,
+                     run[r].len);
           } else { /* valid t: 0 <= ix0 + 2t < W */
             const int64_t lo = ix0 < 0 ? (1 - ix0) >> 1 : 0;
             const int64_t hi = ix0 > cg->W - 1 ? 0 : ((cg->W - 1 - ix0) >> 1) + 1;
-            run_copy_s2(d + run_j[r], xc + iy * cg->W + ix0, lo < run_len[r] ? lo : run_len[r],
-                        hi < run_len[r] ? hi : run_len[r], run_len[r]);
+            run_copy_s2(d + run[r].j, xc + iy * cg->W + ix0, lo < run[r].len ? lo : run[r].len,
+                        hi < run[r].len ? hi : run[r].len, run[r].len);
           }
         }
       }

@@ -109,29 +109,34 @@ static void pack_rowmajor(const ak_gemm* g, int64_t bi, int64_t n0, float* dst) 
  * memcpy/memset calls without the attribute, which cost more than the copy at this size). */
 #define AK_SHORT_COPIES __attribute__((optimize("no-tree-loop-distribute-patterns")))
 
-AK_SHORT_COPIES void ak_im2col_portable(const ak_conv_geom* cg, const float* x, int64_t n0,
-                                        int64_t nv, float* dst) {
-  int64_t run_j[AK_NR], run_len[AK_NR], run_oy[AK_NR], run_ox[AK_NR];
-  int runs = 0;
-  for (int64_t j = 0, oy = n0 / cg->OW, ox = n0 % cg->OW; j < nv; ++runs, ox = 0, ++oy) {
+int ak_im2col_runs(const ak_conv_geom* cg, int64_t n0, int64_t nv, ak_im2col_run runs[AK_NR]) {
+  int count = 0;
+  for (int64_t j = 0, oy = n0 / cg->OW, ox = n0 % cg->OW; j < nv; ++count, ox = 0, ++oy) {
     const int64_t len = cg->OW - ox < nv - j ? cg->OW - ox : nv - j;
-    run_j[runs] = j; run_len[runs] = len; run_oy[runs] = oy; run_ox[runs] = ox;
+    runs[count] = (ak_im2col_run){j, len, oy, ox};
     j += len;
   }
+  return count;
+}
+
+AK_SHORT_COPIES void ak_im2col_portable(const ak_conv_geom* cg, const float* x, int64_t n0,
+                                        int64_t nv, float* dst) {
+  ak_im2col_run run[AK_NR];
+  const int runs = ak_im2col_runs(cg, n0, nv, run);
   for (int64_t c = 0; c < cg->C; ++c) {
     const float* xc = x + c * cg->H * cg->W;
     for (int64_t ky = 0; ky < cg->KH; ++ky) {
       for (int64_t kx = 0; kx < cg->KW; ++kx) {
         float* d = dst + ((c * cg->KH + ky) * cg->KW + kx) * AK_NR;
         for (int r = 0; r < runs; ++r) {
-          float* dd = d + run_j[r];
-          const int64_t len = run_len[r];
-          const int64_t iy = run_oy[r] * cg->SH - cg->PH + ky * cg->DH;
+          float* dd = d + run[r].j;
+          const int64_t len = run[r].len;
+          const int64_t iy = run[r].oy * cg->SH - cg->PH + ky * cg->DH;
           if (iy < 0 || iy >= cg->H) {
             for (int64_t t = 0; t < len; ++t) dd[t] = 0.f;
             continue;
           }
-          const int64_t ix0 = run_ox[r] * cg->SW - cg->PW + kx * cg->DW;
+          const int64_t ix0 = run[r].ox * cg->SW - cg->PW + kx * cg->DW;
           int64_t lo, hi; /* the valid t: 0 <= ix0 + t*SW < W (no divisions for SW = 1, 2) */
           if (cg->SW == 1) {
             lo = ix0 < 0 ? -ix0 : 0;
