@@ -71,7 +71,9 @@ class KernelPattern:
     called as kernel(*args, out). `check(matches)` may refuse a match (unsupported dtype or
     shape), which then stays with TVM-generated code. Instead of `args`, `build(matches)` may
     return the whole argument list (Relax expressions: matched ones, new constants such as
-    packed weights, `relax.prim_value` attributes), or None to refuse the match.
+    packed weights, `relax.prim_value` attributes), or None to refuse the match. `requires`
+    (optional) names Relax ops every match contains; a function without one of them is not
+    searched for this pattern (each search walks the whole function).
     """
 
     name: str
@@ -80,6 +82,7 @@ class KernelPattern:
     kernel: str
     check: Callable[[dict], bool] | None = None
     build: Callable[[dict], list | None] | None = None
+    requires: frozenset[str] = frozenset()  # op names any match contains: skipped when absent
 
 
 class Runner(Protocol):

@@ -77,9 +77,14 @@ def _commutative(op: str, a, b):
 class _Act:
     """An activation pattern on top of `inner`, and how to read its parameters from a match."""
 
+    _OPS = {"relu": "relax.nn.relu", "silu": "relax.nn.silu", "sigmoid": "relax.sigmoid",
+            "clip": "relax.clip", "gelu_tanh": "relax.nn.gelu_tanh"}
+
     def __init__(self, name: str | None):
         self.name = name
         self.consts: list = []
+        # ops every match of this activation contains (gelu has two forms: none required)
+        self.ops: tuple[str, ...] = (self._OPS[name],) if name in self._OPS else ()
 
     def wrap(self, inner):
         from tvm.relax.dpl import is_const, is_op, wildcard
@@ -87,8 +92,7 @@ class _Act:
         if self.name is None:
             return inner
         if self.name in ("relu", "silu", "sigmoid"):
-            op = "relax.sigmoid" if self.name == "sigmoid" else f"relax.nn.{self.name}"
-            return is_op(op)(inner)
+            return is_op(self._OPS[self.name])(inner)
         if self.name == "clip":
             self.node = is_op("relax.clip")(inner, wildcard(), wildcard())
             return self.node
@@ -221,7 +225,8 @@ def _fused_patterns(prefix: str, name: str, kernel: str, core_op: str, channel_a
                     + _ints(*ints, code, {"pre": 1, "post": 2, None: 0}[res]) + _floats(lo, hi, 1.0))
 
         result.append(KernelPattern(_name(prefix, name, bias, res, act_name), root, (), kernel,
-                                    build=build))
+                                    build=build, requires=frozenset([core_op, *act.ops]
+                                                                    + (["relax.add"] if bias or res else []))))
     return result
 
 
@@ -302,7 +307,8 @@ def bmm_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.bmm") -> list[
                 factor = 1.0 / value if scale == "divide" else value
             return [matches[a], matches[b], _empty()] + _ints(0) + _floats(factor)
 
-        result.append(KernelPattern(f"{prefix}.bmm{'_scaled' if scale else ''}", root, (), kernel, build=build))
+        result.append(KernelPattern(f"{prefix}.bmm{'_scaled' if scale else ''}", root, (), kernel, build=build,
+                                    requires=frozenset(["relax.matmul"] + ([f"relax.{scale}"] if scale else []))))
     return result
 
 
@@ -341,8 +347,10 @@ def norm_patterns(prefix: str = "cpu") -> list[KernelPattern]:
             return None
         return [matches[s_x]]
 
-    return [KernelPattern(f"{prefix}.layer_norm", ln, (), "accelkit.cpu.layer_norm", build=build_ln),
-            KernelPattern(f"{prefix}.softmax", sm, (), "accelkit.cpu.softmax", build=build_sm)]
+    return [KernelPattern(f"{prefix}.layer_norm", ln, (), "accelkit.cpu.layer_norm", build=build_ln,
+                          requires=frozenset(["relax.nn.layer_norm"])),
+            KernelPattern(f"{prefix}.softmax", sm, (), "accelkit.cpu.softmax", build=build_sm,
+                          requires=frozenset(["relax.nn.softmax"]))]
 
 
 @functools.cache
