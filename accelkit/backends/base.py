@@ -60,6 +60,9 @@ class CompileOptions:
 
     precision: str = "fp32"
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # backend-specific options
+    # how TVM's Relax VM runs the model: "compiled" (native code, the fast default) or
+    # "bytecode" (interpreted, so `accelkit profile` can time every call; never cached)
+    exec_mode: str = "compiled"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +195,7 @@ class TVMBackend(Backend):
         try:
             with target:
                 mod = tvm.transform.Sequential(self.passes(target))(mod)
-            executable = relax.build(mod, target, relax_pipeline=None, exec_mode="compiled")
+            executable = relax.build(mod, target, relax_pipeline=None, exec_mode=options.exec_mode)
             executable.export_library(os.path.join(out_dir, self.library_name))
         except Exception as exc:  # TVM raises many types; keep its reason
             raise CompileError(
@@ -242,6 +245,7 @@ class _VMRunner:
     def __init__(self, vm, device):
         import threading
 
+        self.vm = vm  # `accelkit profile` instruments it
         self._main = vm["main"]
         self._device = device
         self._lock = threading.Lock()  # a Relax VM is not safe for concurrent calls
