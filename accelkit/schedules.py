@@ -212,6 +212,8 @@ def schedule_block(sch: s_tir.Schedule, info, config: ScheduleConfig) -> None:
     axis = _vector_axis(sch, block, kinds)
     if axis is not None and is_reduction and not _reads_unit_stride(sch, block, axis):
         axis = None
+    if any(str(region.source.dtype) == "bfloat16" for region in list(stmt.reads) + list(stmt.writes)):
+        axis = None  # TVM's bf16 legalization (uint16 storage) rejects vector stores of bf16
     # a reduction's inner body runs once per reduction step: any vector width pays there
     lanes = (_pick_lanes(extents[axis], config.lanes(bits), whole_short_loop=is_reduction)
              if axis is not None else None)

@@ -562,3 +562,115 @@ def test_dropout_and_identity_are_removed():
     assert op_types(g) == {"Relu"}
     x = np.random.randn(2, 3).astype(np.float32)
     assert_same_as_original(model, g, {"x": x})
+
+
+# --------------------------------------------------------------------------- found by ONNX's backend tests
+# (tests/test_onnx_backend.py): forms TVM's importer gets wrong, newer opsets, element types
+
+def test_rnn_runtime_sequence_lens_match_onnxruntime():
+    for kind in ("LSTM", "GRU"):
+        model, feeds = _rnn_model(kind, seq=4, batch=3, direction="bidirectional")
+        node = model.graph.node[0]
+        node.input[4] = "lens"
+        model.graph.input.append(vi("lens", [3], TensorProto.INT32))
+        feeds["lens"] = np.array([4, 2, 1], np.int32)
+        g = prepare(model)
+        assert not op_types(g) & {"LSTM", "GRU"}
+        want = run_ort(model, feeds)  # zeros past each sequence's end; Y_h at its last step
+        for got in (run_ort(g.proto, feeds), run_tvm(g, feeds)):
+            for x, w in zip(got, want):
+                np.testing.assert_allclose(x, w, rtol=1e-5, atol=1e-5)
+        assert not want[0][1:, :, 2].any() and want[0][0, :, 2].any()
+
+
+def test_layer_norm_mean_and_inv_std_dev_outputs():
+    node = helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["y", "mean", "inv_std"],
+                            axis=1, epsilon=1e-3)
+    model = make_model([node], [vi("x", [2, 3, 4])], [vi("y", None), vi("mean", None), vi("inv_std", None)],
+                       [init("scale", np.linspace(0.5, 1.5, 12, dtype=np.float32).reshape(3, 4)),
+                        init("bias", np.full((3, 4), 0.25, np.float32))])
+    x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+    g = prepare(model)
+    assert_same_as_original(model, g, {"x": x})
+    want = run_ort(model, {"x": x})
+    got = run_tvm(g, {"x": x})  # TVM's converter alone returns 0-d placeholders for mean/inv_std
+    assert [o.shape for o in got] == [(2, 3, 4), (2, 1, 1), (2, 1, 1)]
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("data_shape,shape", [((3, 1), [2, 1, 6]), ((3, 1), [4]), ((2, 3), [2, 1, 1])])
+def test_expand_to_a_runtime_shape(data_shape, shape):
+    model = make_model([helper.make_node("Expand", ["x", "shape"], ["y"])],
+                       [vi("x", list(data_shape)), vi("shape", [len(shape)], TensorProto.INT64)], [vi("y", None)])
+    x = np.arange(np.prod(data_shape), dtype=np.float32).reshape(data_shape)
+    feeds = {"x": x, "shape": np.array(shape, np.int64)}
+    want = x * np.ones(shape, np.float32)
+    g = prepare(model)
+    assert_same_as_original(model, g, feeds)
+    got = run_tvm(g, feeds)[0]  # TVM's converter alone takes a 1 in the shape literally
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+
+
+def test_newer_opsets_accepted_when_their_ops_compute_the_same():
+    x = vi("x", [1, 4, 2, 2])
+    reshape = make_model([helper.make_node("Reshape", ["x", "s"], ["r"]), helper.make_node("Relu", ["r"], ["y"])],
+                         [x], [vi("y", None)], [init("s", np.array([1, 16], np.int64))], opset=25)
+    data = np.random.default_rng(0).standard_normal((1, 4, 2, 2)).astype(np.float32)
+    np.testing.assert_allclose(run_tvm(prepare(reshape), {"x": data})[0], np.maximum(data, 0).reshape(1, 16))
+
+    def space_to_depth(**attrs):
+        return make_model([helper.make_node("SpaceToDepth", ["x"], ["y"], blocksize=2, name="s2d", **attrs)],
+                          [x], [vi("y", None)], opset=28)
+
+    check_supported(space_to_depth(), tvm_supported_ops())
+    check_supported(space_to_depth(mode="DCR"), tvm_supported_ops())  # the new attribute's default
+    with pytest.raises(UnsupportedModelError, match=r"SpaceToDepth \(1 node: s2d\).*version 28.*new attribute mode"
+                       r"(.|\n)*opset_version <= 23") as e:
+        check_supported(space_to_depth(mode="CRD"), tvm_supported_ops())
+    assert e.value.unsupported == [("ai.onnx", "SpaceToDepth", "s2d")]
+
+
+def test_element_types_tvm_cannot_compute_are_refused():
+    model = make_model([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT8E4M3FN, name="to_f8")],
+                       [vi("x", [2, 3])], [vi("y", None, TensorProto.FLOAT8E4M3FN)])
+    with pytest.raises(UnsupportedModelError, match=r"float8e4m3fn: output 'y', Cast node 'to_f8'(.|\n)*"
+                                                   r"backend='reference'") as e:
+        to_relax(prepare(model))
+    assert e.value.unsupported == [("ai.onnx", "element type float8e4m3fn", "")]
+
+
+def test_runtime_values_tvm_needs_as_constants_are_refused():
+    slice_model = make_model([helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["y"], name="cut")],
+                             [vi("x", [4, 5]), vi("starts", [1], TensorProto.INT64)], [vi("y", None)],
+                             [init("ends", np.array([3], np.int64)), init("axes", np.array([1], np.int64))])
+    with pytest.raises(UnsupportedModelError, match=r"Slice node 'cut': input 'starts'\n.*initializers") as e:
+        to_relax(prepare(slice_model))
+    assert e.value.unsupported == [("ai.onnx", "Slice", "cut")]
+    # TVM replaces a run-time max_output_boxes_per_class by 0 (no box, no error)
+    nms = make_model([helper.make_node("NonMaxSuppression", ["boxes", "scores", "n"], ["sel"], name="nms")],
+                     [vi("boxes", [1, 6, 4]), vi("scores", [1, 1, 6]), vi("n", [1], TensorProto.INT64)],
+                     [vi("sel", None, TensorProto.INT64)])
+    with pytest.raises(UnsupportedModelError, match="NonMaxSuppression node 'nms': input 'n'"):
+        to_relax(prepare(nms))
+
+
+def test_forms_tvm_computes_wrongly_are_refused():
+    isinf = make_model([helper.make_node("IsInf", ["x"], ["y"], detect_negative=0, name="pos_inf")],
+                       [vi("x", [4])], [vi("y", None, TensorProto.BOOL)])
+    with pytest.raises(UnsupportedModelError, match="IsInf node 'pos_inf': detect_negative"):
+        to_relax(prepare(isinf))
+    # Dropout in inference mode (training_mode a constant False) stays fine
+    dropout = make_model([helper.make_node("Dropout", ["x", "ratio", "train"], ["y"])], [vi("x", [4])],
+                         [vi("y", None)], [init("ratio", np.array(0.5, np.float32)), init("train", np.array(False))])
+    x = np.arange(4, dtype=np.float32)
+    np.testing.assert_array_equal(run_tvm(prepare(dropout), {"x": x})[0], x)
+
+
+def test_non_tensor_outputs_are_refused():
+    graph = helper.make_graph([helper.make_node("SplitToSequence", ["x"], ["seq"], axis=0)], "g", [vi("x", [2, 3])],
+                              [helper.make_tensor_sequence_value_info("seq", F32, [None, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(UnsupportedModelError, match="output 'seq' is a sequence, not a tensor"):
+        prepare(model)

@@ -1,5 +1,6 @@
 """ONNX frontend: load and check a model, fix its input shapes, normalise it on the ONNX side
-(fold shape subgraphs, inline constant Ifs, expand RNNs) and import it into TVM Relax.
+(fold shape subgraphs, inline constant Ifs, expand RNNs, rewrite nodes TVM's importer converts
+wrongly), refuse what TVM cannot compile or would compute wrongly, and import it into TVM Relax.
 
 `import accelkit.frontend` imports neither tvm nor torch; `to_relax` imports tvm when called."""
 from __future__ import annotations
@@ -16,6 +17,7 @@ import onnx
 from onnx import helper
 
 from ..errors import InputShapeError, ModelLoadError, UnsupportedModelError
+from .decompose import decompose
 from .fold import default_opset, fold_to_fixpoint, static_shape
 from .rnn import UNSUPPORTED_TAG, expand_recurrent
 
@@ -24,13 +26,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TensorSpec", "Graph", "load_model", "prepare", "to_relax", "check_supported",
-    "tvm_supported_ops", "MIN_OPSET", "MAX_OPSET",
+    "tvm_supported_ops", "newer_op_changes", "check_element_types", "TVM_ELEMENT_TYPES",
+    "check_static_arguments", "check_tvm_semantics", "MIN_OPSET", "MAX_OPSET", "TVM_MAX_OPSET",
 ]
 
-# ai.onnx opsets we accept: TVM 0.27's converters implement versions up to 23; below 7 the
-# old op semantics (e.g. broadcast attributes) are not worth supporting.
+# ai.onnx opsets we accept. Below 7 the old op semantics (e.g. broadcast attributes) are not
+# worth supporting. TVM 0.27's converters implement op versions up to opset 23; a model of a
+# newer opset (up to MAX_OPSET, the newest checked against onnx's op schemas) is accepted when
+# each of its ops is unchanged since opset 23 or only accepts more element types
+# (`newer_op_changes`), as TVM then picks the converter that computes the same thing.
 MIN_OPSET = 7
-MAX_OPSET = 23
+TVM_MAX_OPSET = 23
+MAX_OPSET = 28
 
 # Contrib (com.microsoft) ops that TVM's importer converts, written for ORT's contrib semantics.
 _TVM_CONTRIB_OPS = {"Attention", "SkipLayerNormalization", "EmbedLayerNormalization", "FastGelu", "BiasGelu"}
@@ -253,13 +260,19 @@ def prepare(model, input_shapes: Mapping[str, Sequence[int]] | None = None) -> G
         if vi.type.tensor_type.HasField("shape"):
             _set_shape(vi, [None] * len(vi.type.tensor_type.shape.dim))
 
-    proto = fold_to_fixpoint(proto, rewrite=expand_recurrent)
+    proto = fold_to_fixpoint(proto, rewrite=_rewrite)
     types = {vi.name: vi.type for vi in list(proto.graph.value_info) + list(proto.graph.output)}
     for init in proto.graph.initializer:
         types.setdefault(init.name, helper.make_tensor_type_proto(init.data_type, list(init.dims)))
     outputs = []
     for vi in proto.graph.output:
         t = types.get(vi.name, vi.type)
+        kind = t.WhichOneof("value") or vi.type.WhichOneof("value")
+        if kind not in (None, "tensor_type"):
+            what = kind.replace("_type", "")
+            raise UnsupportedModelError(
+                f"output {vi.name!r} is {'an' if what[0] in 'aeiou' else 'a'} {what}, not a tensor: accelkit "
+                "compiles models whose outputs are tensors (sequence/map/optional outputs are not supported)")
         shape = static_shape(t)
         if shape is not None:
             _set_shape(vi, shape)
@@ -268,6 +281,12 @@ def prepare(model, input_shapes: Mapping[str, Sequence[int]] | None = None) -> G
             shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
         outputs.append(TensorSpec(vi.name, shape, _elem_dtype(vi.type)))
     return Graph(proto=proto, inputs=inputs, outputs=outputs)
+
+
+def _rewrite(model: onnx.ModelProto) -> bool:
+    """The ONNX-side rewrites applied while folding (each returns whether it changed the model)."""
+    expanded = expand_recurrent(model)
+    return decompose(model) or expanded
 
 
 # --------------------------------------------------------------------------- support check
@@ -301,12 +320,14 @@ def check_supported(
     known_ops: Iterable[str | tuple[str, str]],
     opset_range: tuple[int, int] | None = (MIN_OPSET, MAX_OPSET),
     backend: str = "this backend",
+    converters_up_to: int | None = TVM_MAX_OPSET,
 ) -> None:
     """Raise one UnsupportedModelError listing every node (subgraphs included) whose op is not in
-    `known_ops` ("Conv" for ai.onnx, "com.microsoft::FusedConv" or (domain, op) for others), and
-    an error for an ai.onnx opset outside `opset_range`."""
+    `known_ops` ("Conv" for ai.onnx, "com.microsoft::FusedConv" or (domain, op) for others) or, in
+    a model newer than opset `converters_up_to`, whose op changed since then (newer_op_changes);
+    and an error for an ai.onnx opset outside `opset_range`."""
+    opset = default_opset(proto)
     if opset_range is not None:
-        opset = default_opset(proto)
         lo, hi = opset_range
         if not lo <= opset <= hi:
             raise UnsupportedModelError(
@@ -317,11 +338,17 @@ def check_supported(
             )
     known = _normalise_known(known_ops)
     bad: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    newer = False
     for k, node in enumerate(_walk_nodes(proto.graph)):
         key = _node_key(node.domain, node.op_type)
         if key not in known:
             reason = node.doc_string[len(UNSUPPORTED_TAG):] if node.doc_string.startswith(UNSUPPORTED_TAG) else ""
             bad.setdefault(key, []).append((node.name or f"<unnamed node #{k}>", reason))
+        elif converters_up_to is not None and opset > converters_up_to and key[0] == "":
+            change = newer_op_changes(node, opset, converters_up_to)
+            if change:
+                bad.setdefault(key, []).append((node.name or f"<unnamed node #{k}>", change))
+                newer = True
     if not bad:
         return
     lines, unsupported = [], []
@@ -335,11 +362,211 @@ def check_supported(
     advice = ("Re-export the model with standard ai.onnx ops (vendor/contrib ops such as com.microsoft fusions "
               "come from runtime-specific optimisation: export from the framework without them)"
               if contrib else "Re-export the model avoiding these ops (or a newer opset that decomposes them)")
+    if newer:
+        advice += f" or with opset_version <= {converters_up_to}"
     raise UnsupportedModelError(
         f"the model uses {len(bad)} op type{'s' * (len(bad) > 1)} that {backend} cannot compile:\n"
         + "\n".join(lines) + f"\n{advice}, or use a backend that supports them.",
         unsupported=unsupported,
     )
+
+
+# Element types TVM computes with (onnx.TensorProto names). The others (float8/float6/float4,
+# 4- and 2-bit integers, string, complex) either fail deep inside TVM or, for float8, compile
+# into silently wrong conversions: they are refused before TVM sees them.
+TVM_ELEMENT_TYPES = frozenset({
+    "FLOAT", "DOUBLE", "FLOAT16", "BFLOAT16", "BOOL",
+    "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64",
+})
+
+
+def check_element_types(proto: onnx.ModelProto, supported: Iterable[str] = TVM_ELEMENT_TYPES,
+                        backend: str = "this backend") -> None:
+    """Raise one UnsupportedModelError naming every element type outside `supported` that the
+    model uses (graph inputs, outputs, inferred values, initializers, Constant and Cast nodes,
+    subgraphs included) and where it is used."""
+    supported = set(supported)
+    where: dict[str, list[str]] = {}
+
+    def note(elem_type: int, what: str) -> None:
+        if elem_type == onnx.TensorProto.UNDEFINED:
+            return
+        name = onnx.TensorProto.DataType.Name(elem_type) if elem_type in onnx.TensorProto.DataType.values() \
+            else f"type #{elem_type}"
+        if name not in supported:
+            where.setdefault(name, []).append(what)
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for kind, values in (("input", graph.input), ("output", graph.output), ("value", graph.value_info)):
+            for vi in values:
+                if vi.type.HasField("tensor_type"):
+                    note(vi.type.tensor_type.elem_type, f"{kind} {vi.name!r}")
+        for init in graph.initializer:
+            note(init.data_type, f"initializer {init.name!r}")
+        for k, node in enumerate(graph.node):
+            label = f"{node.op_type} node {node.name!r}" if node.name else f"{node.op_type} node #{k}"
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    note(attr.t.data_type, label)
+                elif attr.name == "to" and node.op_type == "Cast" and attr.type == onnx.AttributeProto.INT:
+                    note(attr.i, label)
+                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                    visit(sub)
+
+    visit(proto.graph)
+    if not where:
+        return
+    lines = []
+    for name, uses in sorted(where.items()):
+        shown = ", ".join(dict.fromkeys(uses))
+        lines.append(f"  {name.lower()}: {shown if len(shown) < 200 else shown[:200] + ' ...'}")
+    raise UnsupportedModelError(
+        f"the model uses element type{'s' * (len(where) > 1)} that {backend} cannot compute:\n"
+        + "\n".join(lines)
+        + f"\nSupported: {', '.join(sorted(t.lower() for t in supported))}. Convert the model to one of "
+        "these types, or use backend='reference' (onnx's evaluator) for it.",
+        unsupported=[("ai.onnx", f"element type {name.lower()}", "") for name in sorted(where)],
+    )
+
+
+# Inputs (by position) that TVM's importer needs as constants: they decide an output's shape, an
+# axis or a count, and a run-time value fails deep inside TVM, at code generation (Slice), or is
+# silently replaced by a default (NonMaxSuppression). Squeeze/Unsqueeze/Tile/Range/Expand have
+# run-time paths and are not listed.
+_STATIC_INPUTS = {
+    "Reshape": (1,), "ConstantOfShape": (0,), "Slice": (1, 2, 3, 4), "Pad": (1, 3),
+    "Resize": (2, 3), "Upsample": (1,), "TopK": (1,), "OneHot": (1,), "Split": (1,), "CumSum": (1,),
+    "NonMaxSuppression": (2, 3, 4),
+    **{op: (1,) for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
+                           "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")},
+}
+
+
+def _attr_value(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _conv_transpose_shape_without_output_shape(node: onnx.NodeProto, ctx) -> tuple[int, ...] | None:
+    """The output shape ConvTranspose has from its pads alone (what TVM computes), if known."""
+    x, w = (ctx["shapes"].get(name) for name in node.input[:2])
+    if x is None or w is None or _attr_value(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return None
+    spatial = len(x) - 2
+    strides = _attr_value(node, "strides", [1] * spatial)
+    dilations = _attr_value(node, "dilations", [1] * spatial)
+    pads = _attr_value(node, "pads", [0] * 2 * spatial)
+    extra = _attr_value(node, "output_padding", [0] * spatial)
+    kernel = _attr_value(node, "kernel_shape", list(w[2:]))
+    sizes = [strides[i] * (x[2 + i] - 1) + extra[i] + (kernel[i] - 1) * dilations[i] + 1
+             - pads[i] - pads[spatial + i] for i in range(spatial)]
+    return (x[0], w[1] * int(_attr_value(node, "group", 1)), *sizes)
+
+
+# Node forms TVM 0.27's importer accepts but computes wrongly, without an error (each seen in
+# ONNX's backend tests): refused with the reason instead of returning wrong numbers.
+_TVM_WRONG = [
+    ("IsInf", lambda n, _: not _attr_value(n, "detect_negative", 1) or not _attr_value(n, "detect_positive", 1),
+     "detect_negative=0 / detect_positive=0 are ignored (every infinity is reported)"),
+    ("ConvTranspose", lambda n, ctx: _attr_value(n, "output_shape") is not None
+     and _conv_transpose_shape_without_output_shape(n, ctx) != ctx["shapes"].get(n.output[0]),
+     "the output_shape attribute is ignored (give the pads that produce it instead)"),
+    ("Dropout", lambda n, _: len(n.output) > 1 and bool(n.output[1]),
+     "its mask output comes back as float32, not bool"),
+    ("Dropout", lambda n, ctx: len(n.input) > 2 and bool(n.input[2]) and ctx["consts"].get(n.input[2], True),
+     "training_mode is ignored (accelkit compiles models for inference)"),
+    ("BatchNormalization", lambda n, _: bool(_attr_value(n, "training_mode", 0)),
+     "training_mode=1 is ignored (accelkit compiles models for inference)"),
+    ("RoiAlign", lambda n, _: _attr_value(n, "mode", b"avg") in (b"max", "max"),
+     "mode='max' computes another pooling"),
+]
+
+
+def check_tvm_semantics(proto: onnx.ModelProto, backend: str = "TVM's Relax ONNX importer") -> None:
+    """Raise one UnsupportedModelError naming every node (subgraphs included) in one of the forms
+    of _TVM_WRONG."""
+    from onnx import numpy_helper
+
+    from .fold import tensor_types
+
+    ctx = {
+        # scalar initializers of the main graph (e.g. a Dropout's training_mode=False)
+        "consts": {t.name: bool(numpy_helper.to_array(t).reshape(-1)[0]) for t in proto.graph.initializer
+                   if len(t.dims) == 0 or list(t.dims) == [1]},
+        "shapes": {name: static_shape(t) for name, t in tensor_types(proto).items()},
+    }
+    found, unsupported = [], []
+    for k, node in enumerate(_walk_nodes(proto.graph)):
+        if _node_key(node.domain, node.op_type)[0] != "":
+            continue
+        for op, wrong, why in _TVM_WRONG:
+            if node.op_type == op and wrong(node, ctx):
+                label = node.name or f"<unnamed node #{k}>"
+                found.append(f"  {op} node {label!r}: {why}")
+                unsupported.append(("ai.onnx", op, label))
+    if found:
+        raise UnsupportedModelError(
+            f"{backend} would compute these nodes wrongly:\n" + "\n".join(found)
+            + "\nRe-export the model without these forms, or use backend='reference' for it.",
+            unsupported=unsupported,
+        )
+
+
+def check_static_arguments(proto: onnx.ModelProto, backend: str = "TVM's Relax ONNX importer") -> None:
+    """Raise one UnsupportedModelError naming every main-graph node that gets a run-time value for
+    an input listed in _STATIC_INPUTS (after folding, constants are initializers)."""
+    g = proto.graph
+    constant = {init.name for init in g.initializer}
+    constant.update(o for n in g.node if n.op_type == "Constant" and _node_key(n.domain, n.op_type)[0] == ""
+                    for o in n.output)
+    found, unsupported = [], []
+    for k, node in enumerate(g.node):
+        if _node_key(node.domain, node.op_type)[0] != "" or node.op_type not in _STATIC_INPUTS:
+            continue
+        names = [node.input[i] for i in _STATIC_INPUTS[node.op_type] if i < len(node.input) and node.input[i]]
+        runtime = [n for n in names if n not in constant]
+        if runtime:
+            label = node.name or f"<unnamed node #{k}>"
+            found.append(f"  {node.op_type} node {label!r}: input{'s' * (len(runtime) > 1)} "
+                         f"{', '.join(map(repr, runtime))}")
+            unsupported.append(("ai.onnx", node.op_type, label))
+    if found:
+        raise UnsupportedModelError(
+            f"{backend} needs these inputs as constants, but the model computes them at run time "
+            "(accelkit compiles for static shapes, and these values set an output's shape or axes):\n"
+            + "\n".join(found) + "\nStore them as initializers (or compute them from the input shapes "
+            "only, which accelkit folds), or use backend='reference'.",
+            unsupported=unsupported,
+        )
+
+
+def newer_op_changes(node: onnx.NodeProto, opset: int, base: int = TVM_MAX_OPSET) -> str:
+    """Why ai.onnx `node` at `opset` may compute something else than its version at opset `base`
+    ("" when it computes the same: same version, or a newer one that only accepts more element
+    types and whose new attributes the node leaves at their defaults)."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return ""  # an op onnx does not know: onnx.checker and the op list report it
+    if schema.since_version <= base:
+        return ""
+    why = (f"opset {opset} gives {node.op_type} version {schema.since_version}, newer than opset {base} "
+           f"(the newest TVM's converters implement), and")
+    try:
+        old = onnx.defs.get_schema(node.op_type, base, "")
+    except onnx.defs.SchemaError:
+        return f"{why} {node.op_type} did not exist before"
+    if [i.name for i in schema.inputs] != [i.name for i in old.inputs] or \
+            [o.name for o in schema.outputs] != [o.name for o in old.outputs]:
+        return f"{why} its inputs or outputs changed"
+    for attr in node.attribute:
+        if attr.name in schema.attributes and attr.name not in old.attributes:
+            default = schema.attributes[attr.name].default_value
+            if not default.name or helper.get_attribute_value(attr) != helper.get_attribute_value(default):
+                return f"{why} the node sets its new attribute {attr.name}"
+    return ""
 
 
 def tvm_supported_ops() -> set[tuple[str, str]]:
@@ -412,6 +639,9 @@ def to_relax(graph: Graph) -> "tvm.IRModule":
     from tvm.relax.frontend.onnx import from_onnx
 
     check_supported(graph.proto, tvm_supported_ops(), backend="TVM's Relax ONNX importer")
+    check_element_types(graph.proto, backend="TVM")
+    check_static_arguments(graph.proto)
+    check_tvm_semantics(graph.proto)
     shape_dict = {s.name: list(s.shape) for s in graph.inputs}
     dtype_dict = {s.name: s.dtype for s in graph.inputs}
     log = io.StringIO()

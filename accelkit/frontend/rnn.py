@@ -121,9 +121,13 @@ def _expand(node: onnx.NodeProto, types: dict, consts: dict, fresh: NameSupply, 
     H = int(a.get("hidden_size", r_shape[-1]))
     if r_shape != (D, G * H, H) or w_shape != (D, G * H, I):
         raise _Unsupported(f"W {w_shape} / R {r_shape} do not match direction/hidden_size")
-    if seq_lens:
-        if seq_lens not in consts or not np.all(consts[seq_lens] == S):
-            raise _Unsupported("sequence_lens other than a constant equal to the full sequence length")
+    lens = None  # sequence_lens known only at run time (or shorter than S): steps are masked
+    if seq_lens and not (seq_lens in consts and np.all(consts[seq_lens] == S)):
+        lens_type = types.get(seq_lens)
+        if lens_type is None or static_shape(lens_type) != (N,) \
+                or lens_type.tensor_type.elem_type != onnx.TensorProto.INT32:
+            raise _Unsupported(f"sequence_lens {seq_lens!r} is not an int32 tensor of shape [{N}]")
+        lens = seq_lens
     if S == 0:
         raise _Unsupported("empty sequence")
 
@@ -164,6 +168,7 @@ def _expand(node: onnx.NodeProto, types: dict, consts: dict, fresh: NameSupply, 
             r_zrT, r_hT = b.slice(rT, 0, 2 * H, 1), b.slice(rT, 2 * H, 3 * H, 1)
         steps: dict[int, str] = {}
         for t in (range(S - 1, -1, -1) if reverse else range(S)):
+            h_prev, c_prev = h, c
             xt = b.take(xw, t)  # [N, G*H]
             if kind == "LSTM":
                 gates = b.op("Add", [xt, b.op("MatMul", [h, rT])])
@@ -196,7 +201,16 @@ def _expand(node: onnx.NodeProto, types: dict, consts: dict, fresh: NameSupply, 
                 h = b.op("Add", [h_tilde, b.op("Mul", [z, b.op("Sub", [h, h_tilde])])])
             else:
                 h = b.op(f, [b.clip(b.op("Add", [xt, b.op("MatMul", [h, rT])]), clip)])
-            steps[t] = h
+            if lens is None:
+                steps[t] = h
+                continue
+            # past a sequence's end its state stays and its outputs are zeros (as in onnxruntime);
+            # in reverse, a sequence's steps thus start at its own last element
+            valid = b.reshape(b.op("Less", [b.const(t, "t", np.int32), lens]), [N, 1])
+            steps[t] = b.op("Where", [valid, h, b.const(np.zeros((N, H)), "zeros")])
+            h = b.op("Where", [valid, h, h_prev])
+            if c is not None:
+                c = b.op("Where", [valid, c, c_prev])
         ys.append(b.op("Concat", [b.reshape(steps[t], [1, 1, N, H]) for t in range(S)], axis=0))  # [S,1,N,H]
         hs.append(b.reshape(h, [1, N, H]))
         if c is not None:
