@@ -284,7 +284,7 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def _onnxruntime_system(model_path: str, feeds_names: Sequence[str]) -> System:
+def _onnxruntime_system(model_path: str) -> System:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -306,7 +306,7 @@ def _onnxruntime_system(model_path: str, feeds_names: Sequence[str]) -> System:
                    "providers": session.get_providers()})
 
 
-def _accelkit_system(model, *, backend: str, precision: str, input_shapes, cache: bool, label: str) -> tuple[System, Any]:
+def _accelkit_system(model, *, backend: str, precision: str, input_shapes, cache: bool) -> tuple[System, Any]:
     import accelkit
 
     start = time.perf_counter()
@@ -320,7 +320,7 @@ def _accelkit_system(model, *, backend: str, precision: str, input_shapes, cache
     setup_s = time.perf_counter() - start
     info = {"backend": compiled.backend, "precision": compiled.precision, "cache": status,
             "target": compiled.manifest.get("target"), "offloaded": compiled.manifest.get("offloaded")}
-    return System(label, compiled.run, setup_s, info), compiled
+    return System(f"accelkit[{compiled.backend}]", compiled.run, setup_s, info), compiled
 
 
 def bench(model: str, *, backend: str = "cpu", precision: str = "fp32", input_shapes=None,
@@ -340,18 +340,15 @@ def bench(model: str, *, backend: str = "cpu", precision: str = "fp32", input_sh
         from accelkit.backends import get_backend
 
         get_backend(vs)  # an unknown name fails now, not after compiling the model
-    label = f"accelkit[{backend}]" if not is_artifact else "accelkit"
     main, compiled = _accelkit_system(model, backend=backend, precision=precision,
-                                      input_shapes=input_shapes, cache=cache, label=label)
-    if is_artifact:
-        main.name = f"accelkit[{compiled.backend}]"
+                                      input_shapes=input_shapes, cache=cache)
     systems = [main]
     if vs is not None:
         if vs == "onnxruntime":
-            systems.append(_onnxruntime_system(model, [s.name for s in compiled.inputs]))
+            systems.append(_onnxruntime_system(model))
         else:
             other, _ = _accelkit_system(model, backend=vs, precision="fp32", input_shapes=input_shapes,
-                                        cache=cache, label=f"accelkit[{vs}]")
+                                        cache=cache)
             if other.name == main.name:
                 other.name += " (2)"
             systems.append(other)

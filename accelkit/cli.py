@@ -142,7 +142,8 @@ def _load_or_compile(args):
     return _compile(args)
 
 
-def _read_feeds(args, model):
+def _read_feeds(args, model=None):
+    """Feeds from --inputs and --input; with --random (and the model), the rest are random."""
     import numpy as np
 
     from accelkit.errors import FeedError
@@ -162,7 +163,7 @@ def _read_feeds(args, model):
             feeds[name] = np.load(path)
         except (OSError, ValueError) as exc:
             raise FeedError(f"cannot read input '{name}' from {path!r}: {exc}") from exc
-    if getattr(args, "random", False):
+    if model is not None and getattr(args, "random", False):
         from accelkit.bench import random_feeds
 
         missing = [spec for spec in model.inputs if spec.name not in feeds]
@@ -218,12 +219,7 @@ def _given_feeds(args):
     """Feeds from --input/--inputs, or None (the command makes random ones of the right shape)."""
     if not args.input and not args.inputs:
         return None
-
-    class _NoModel:
-        inputs = ()
-        manifest = {}
-
-    return _read_feeds(args, _NoModel())
+    return _read_feeds(args)
 
 
 def cmd_profile(args):

@@ -86,7 +86,7 @@ def profile(model, *, backend: str = "cpu", precision: str = "fp32", input_shape
     per_call: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
     stack: list[tuple[str, float, str]] = []
     trace: list[tuple[str, str, float, float]] = []
-    state = {"keyed": True, "record": False}
+    state = {"record": False}
 
     def instrument(func, symbol, before, ret, *args):
         now = time.perf_counter()
@@ -110,7 +110,6 @@ def profile(model, *, backend: str = "cpu", precision: str = "fp32", input_shape
             t1 = time.perf_counter()
             walls.append(t1 - t0)
             if state["record"]:
-                trace_start = t0
                 trace_wall = (t0, t1)
     finally:
         vm.set_instrument(None)
@@ -130,7 +129,7 @@ def profile(model, *, backend: str = "cpu", precision: str = "fp32", input_shape
                "ts": 0.0, "dur": (trace_wall[1] - trace_wall[0]) * 1e6}]
     for symbol, key, began, ended in trace:
         events.append({"name": symbol, "cat": category(symbol, kernels), "ph": "X", "pid": 1, "tid": 1,
-                       "ts": (began - trace_start) * 1e6, "dur": (ended - began) * 1e6,
+                       "ts": (began - trace_wall[0]) * 1e6, "dur": (ended - began) * 1e6,
                        "args": {"shapes": key} if key else {}})
     return {
         "model": os.path.basename(model) if isinstance(model, str) else "model",

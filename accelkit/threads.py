@@ -62,6 +62,7 @@ def set_num_threads(n: int) -> int:
 
 def pool_size() -> int:
     """Threads in TVM's pool (starts it)."""
+    import tvm  # noqa: F401  (loads the runtime, which registers runtime.NumThreads)
     import tvm_ffi
 
     global _started

@@ -10,23 +10,16 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    import onnxruntime
-    import tvm
-
     import tvm_ffi
 
-    import accelkit
-    from accelkit import threads
-    from accelkit.backends import CompileOptions, get_backend, host_cpu
+    from accelkit.backends import CompileOptions, get_backend
+    from accelkit.bench import machine_info as accelkit_machine_info
 
     backend = get_backend("cpu")
     machine_info["accelkit"] = {
-        "version": accelkit.__version__, "backend": backend.name, "precision": "fp32",
-        "tuned": False, "target": str(backend.target(CompileOptions())),
-        "fingerprint": backend.fingerprint(), "tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__,
-        "onnxruntime": onnxruntime.__version__, "onnxruntime_intra_op_threads": 2,
-        "llvm_cpu": host_cpu(), "cores": os.cpu_count(), "threads": threads.pool_size(),
-        "load_average": os.getloadavg()}
+        **accelkit_machine_info(), "backend": backend.name, "precision": "fp32", "tuned": False,
+        "target": str(backend.target(CompileOptions())), "fingerprint": backend.fingerprint(),
+        "tvm_ffi": tvm_ffi.__version__, "onnxruntime_intra_op_threads": 2}
 
 
 @pytest.fixture(scope="session")

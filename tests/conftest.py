@@ -72,16 +72,10 @@ def random_feeds(model, seed=0):
 @pytest.fixture(scope="session", autouse=True)
 def private_cache_dir(tmp_path_factory):
     """Tests (and the subprocesses they start) never touch the user's compile cache."""
-    import os
-
     path = str(tmp_path_factory.mktemp("accelkit-cache"))
-    old = os.environ.get("ACCELKIT_CACHE_DIR")
-    os.environ["ACCELKIT_CACHE_DIR"] = path
-    yield path
-    if old is None:
-        os.environ.pop("ACCELKIT_CACHE_DIR", None)
-    else:
-        os.environ["ACCELKIT_CACHE_DIR"] = old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ACCELKIT_CACHE_DIR", path)
+        yield path
 
 
 @pytest.fixture(scope="session")

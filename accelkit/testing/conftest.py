@@ -79,13 +79,9 @@ def _requires_available_backend(backend):
 def private_cache_dir(tmp_path_factory):
     """The kit compiles into a cache of its own, never the user's."""
     path = str(tmp_path_factory.mktemp("accelkit-kit-cache"))
-    old = os.environ.get("ACCELKIT_CACHE_DIR")
-    os.environ["ACCELKIT_CACHE_DIR"] = path
-    yield path
-    if old is None:
-        os.environ.pop("ACCELKIT_CACHE_DIR", None)
-    else:
-        os.environ["ACCELKIT_CACHE_DIR"] = old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ACCELKIT_CACHE_DIR", path)
+        yield path
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import sys
 
@@ -44,15 +43,10 @@ FRESH = """
 
 @contextlib.contextmanager
 def cache_at(path):
-    old = os.environ.get("ACCELKIT_CACHE_DIR")
-    os.environ["ACCELKIT_CACHE_DIR"] = str(path)
-    try:
+    """The compile cache at `path` inside the with-block (ACCELKIT_CACHE_DIR set, then restored)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ACCELKIT_CACHE_DIR", str(path))
         yield
-    finally:
-        if old is None:
-            os.environ.pop("ACCELKIT_CACHE_DIR", None)
-        else:
-            os.environ["ACCELKIT_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="module")
