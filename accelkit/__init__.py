@@ -34,7 +34,7 @@ __all__ = [
     "Backend", "TVMBackend", "KernelPattern", "CompileOptions", "host_target", "tensor_type",
     "AccelkitError", "ArtifactError", "BackendError", "CompileError", "FeedError",
     "InputShapeError", "ModelLoadError", "OptionError", "UnsupportedModelError", "__version__",
-    "set_num_threads",
+    "set_num_threads", "TuneOptions",
 ]
 
 
@@ -53,6 +53,8 @@ def compile(model, *, backend="cpu", precision="fp32", input_shapes=None, cache=
 
     backend: a name from list_backends(); precision: "fp32" (fp16/bf16/int8 to come);
     input_shapes: sizes for symbolic input dims, e.g. {"input_ids": [1, 128]};
+    tune: search for faster schedules and kernel parameters first, within a budget ("10m",
+    seconds, or accelkit.TuneOptions); the results are kept and later compiles reuse them.
     options: backend-specific compile options (see `accelkit backends`).
     """
     from accelkit.compiler import compile_model
@@ -73,4 +75,8 @@ def __getattr__(name):
         from accelkit.model import CompiledModel
 
         return CompiledModel
+    if name == "TuneOptions":
+        from accelkit.tuning import TuneOptions
+
+        return TuneOptions
     raise AttributeError(f"module 'accelkit' has no attribute {name!r}")

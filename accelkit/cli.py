@@ -56,6 +56,29 @@ def _parser() -> argparse.ArgumentParser:
     _feed_args(f)
     _compile_args(f)
 
+    t = sub.add_parser("tune", help="search faster schedules and kernel parameters (resumable)")
+    t.add_argument("model", help="ONNX model")
+    t.add_argument("--budget", default="10m", metavar="TIME",
+                   help="time for the whole run, e.g. 90s, 20m (default 10m)")
+    t.add_argument("--trials", type=int, metavar="N", help="at most N meta-schedule trials")
+    t.add_argument("--rpc-tracker", metavar="HOST:PORT",
+                   help="measure on the machines registered with this TVM RPC tracker")
+    t.add_argument("--rpc-key", metavar="KEY", help="the key those machines registered with")
+    t.add_argument("--no-kernels", action="store_true", help="skip the kernel-parameter search")
+    t.add_argument("--no-tir", action="store_true", help="skip meta-schedule (TVM-generated functions)")
+    t.add_argument("--no-compare", action="store_true",
+                   help="do not time the tuned model against the untuned one at the end")
+    t.add_argument("-o", "--output", metavar="FILE.akx", help="also save the tuned model")
+    t.add_argument("-v", "--verbose", action="store_true", help="log every round and dropped candidate")
+    _compile_args(t)
+
+    s = sub.add_parser("rpc-server", help="a TVM RPC server with accelkit's kernels, for `tune --rpc-tracker`")
+    s.add_argument("--tracker", required=True, metavar="HOST:PORT", help="the RPC tracker to register with")
+    s.add_argument("--key", required=True, help="device key to register under (tune --rpc-key)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: loopback only)")
+    s.add_argument("--port", type=int, default=9090, help="first port to try (default 9090)")
+
     i = sub.add_parser("info", help="show what an .akx artifact holds")
     i.add_argument("artifact")
 
@@ -240,12 +263,100 @@ def cmd_profile(args):
         print(f"wrote {args.json}")
 
 
+def cmd_tune(args):
+    import logging
+
+    import accelkit
+    from accelkit import tuning
+    from accelkit.errors import OptionError
+
+    if args.precision != "fp32":
+        raise OptionError("tune: only --precision fp32 can be tuned in this accelkit version")
+    if args.verbose:
+        logging.basicConfig(format="%(message)s")
+        logging.getLogger("accelkit.tune").setLevel(logging.INFO)
+    options = tuning.TuneOptions(budget=args.budget, trials=args.trials, rpc_tracker=args.rpc_tracker,
+                                 rpc_key=args.rpc_key, kernels=not args.no_kernels, tir=not args.no_tir)
+    shapes = _input_shapes(args.input_shape)
+    try:
+        report = tuning.tune(args.model, backend=args.backend, input_shapes=shapes, options=options)
+    except tuning.TuneInterrupted as stop:
+        print(stop.report.format())
+        print("interrupted: everything measured so far is in the database; run the same command "
+              "again to continue", file=sys.stderr)
+        return 130
+    print(report.format())
+    model = accelkit.compile(args.model, backend=args.backend, input_shapes=shapes)
+    applied = model.manifest.get("tuning", {}).get("applied", {})
+    count = sum(len(v) for v in applied.values())
+    print(f"compiled with {count} tuned function(s) applied ({model.cache_status})")
+    if not args.no_compare:
+        _compare_untuned(args, model, shapes)
+    if args.output:
+        print(f"saved {model.save(args.output)}")
+
+
+def _compare_untuned(args, tuned, shapes):
+    """Time the untuned and the tuned model, alternating in one process (bench.measure)."""
+    import accelkit
+    from accelkit import bench
+
+    untuned = accelkit.compile(args.model, backend=args.backend, input_shapes=shapes, tune=False)
+    feeds = bench.random_feeds(tuned.inputs, tuned.manifest.get("index_bounds"))
+    systems = [bench.System("untuned", untuned.run, 0.0), bench.System("tuned", tuned.run, 0.0)]
+    bench.measure(systems, feeds, duration_s=4.0)
+    a, b = (bench.statistics(s.times_ms)["p50_ms"] for s in systems)
+    same = bench.compare_outputs(tuned.run(feeds), untuned.run(feeds), [o.name for o in tuned.outputs])
+    print(f"untuned {a:.3f} ms, tuned {b:.3f} ms (p50, alternating runs): {a / b:.3f}x; "
+          f"outputs: min cosine {same['min_cosine']:.7f}, max abs error {same['max_abs_err']:.2g}")
+
+
+def cmd_rpc_server(args):
+    import signal
+    import time
+
+    from tvm import rpc
+
+    from accelkit import kernels
+    from accelkit.errors import OptionError
+    from accelkit.tuning import TuneOptions
+
+    host, port = TuneOptions(rpc_tracker=args.tracker, rpc_key=args.key).tracker_address()
+    try:
+        server = rpc.Server(args.host, port=args.port, port_end=args.port + 100, tracker_addr=(host, port),
+                            key=args.key, server_init_callback=kernels.load)
+    except OSError as exc:
+        raise OptionError(f"rpc-server: cannot listen on {args.host}:{args.port}: {exc}") from exc
+    print(f"accelkit rpc-server: listening on {args.host}:{server.port}, registered with tracker "
+          f"{host}:{port} as '{args.key}' (Ctrl-C stops it)", flush=True)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt  # SIGTERM too: never leave the server process behind
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while server.proc is not None and server.proc.is_alive():
+            time.sleep(0.5)
+    finally:
+        server.terminate()
+    return 1
+
+
 def cmd_info(args):
     from accelkit.artifact import read_manifest
 
     m = read_manifest(args.artifact)
     print(f"{args.artifact}: model '{m.get('model_name')}', created {m.get('created')}")
     _print_summary(m)
+    tuned = m.get("tuning")
+    if tuned:
+        applied = tuned.get("applied", {})
+        rows = [f"kernel {r}" for r in applied.get("kernels", [])] + [f"generated {r}" for r in applied.get("tir", [])]
+        print(f"  tuned:     {len(rows)} function(s), database {tuned.get('database')}")
+        for row in rows:
+            print(f"             {row}")
+    else:
+        print("  tuned:     no (untuned defaults)")
     print("  versions:  " + ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items())))
     print("  files:     " + ", ".join(f"{n} (sha256 {h[:12]})" for n, h in m["files"].items()))
 
@@ -315,7 +426,7 @@ def cmd_demo(args):
 
 
 COMMANDS = {"compile": cmd_compile, "run": cmd_run, "bench": cmd_bench, "profile": cmd_profile, "info": cmd_info, "backends": cmd_backends,
-            "cache": cmd_cache, "demo": cmd_demo}
+            "cache": cmd_cache, "demo": cmd_demo, "tune": cmd_tune, "rpc-server": cmd_rpc_server}
 
 
 def main(argv=None) -> int:

@@ -28,7 +28,9 @@ def compile_model(
     precision: fp32 (others listed in PRECISIONS arrive with quantization support).
     input_shapes: sizes for symbolic dims, e.g. {"input_ids": [1, 128]}.
     cache: reuse a previous compilation of the same thing (accelkit.cache; cache=False skips).
-    tune: a tuning budget (not yet implemented).
+    tune: a tuning budget ("10m", seconds) or accelkit.TuneOptions: search first (resuming what
+          earlier runs measured), then compile with the result. None (default): apply whatever
+          the tuning database holds for this target; False: compile untuned, ignoring it.
     options: backend-specific options (Backend.options lists them).
     """
     from accelkit.backends import CompileOptions, get_backend
@@ -39,8 +41,11 @@ def compile_model(
     if precision not in be.precisions:
         raise OptionError(f"backend '{be.name}' does not support precision {precision!r} yet; "
                           f"it supports {', '.join(be.precisions)}")
-    if tune is not None:
-        raise OptionError("tune= is not supported yet in this accelkit version; omit it")
+    from accelkit.tuning import parse_tune
+
+    tune_options = parse_tune(tune)
+    if tune_options is not None and precision != "fp32":
+        raise OptionError(f"tune= works on fp32 models in this accelkit version, not {precision!r}")
     if not isinstance(cache, bool):
         raise OptionError(f"cache must be True or False, got {cache!r}")
     unknown = sorted(set(options) - set(be.options))
@@ -54,7 +59,25 @@ def compile_model(
         raise BackendError(f"backend '{be.name}' is not available on this machine "
                            f"(its device or driver is missing); try backend='cpu'")
 
-    compile_options = CompileOptions(precision=precision, extra=dict(options))
+    tuning_report = None
+    if tune_options is not None:
+        from accelkit import tuning
+
+        tuning_report = tuning.tune(model, backend=be.name, input_shapes=input_shapes, options=tune_options)
+    compiled = _compile(model, be, precision, input_shapes, cache, options, apply_tuning=tune is not False)
+    if tuning_report is not None:
+        compiled.tuning_report = tuning_report
+    return compiled
+
+
+def _compile(model, be, precision, input_shapes, cache, options, *, apply_tuning: bool):
+    from accelkit.backends import CompileOptions, TVMBackend
+    from accelkit.tuning import applied_tuning
+
+    tuning = None
+    if apply_tuning and isinstance(be, TVMBackend) and precision == "fp32":
+        tuning = applied_tuning(be, be.target(CompileOptions()))
+    compile_options = CompileOptions(precision=precision, extra=dict(options), tuning=tuning)
     if not cache:
         return _build(model, input_shapes, be, compile_options, status="off")
     components = _key_components(model, input_shapes, be, compile_options)
@@ -114,7 +137,7 @@ def _key_components(model, input_shapes, be, options) -> dict[str, Any] | None:
         "target": str(be.target(options)) if isinstance(be, TVMBackend) else None,
         "precision": options.precision,
         "calibration": None,  # digest of the calibration data, with int8 support
-        "tuning_db": None,  # digest of the tuning records applied, with tuning support
+        "tuning_db": options.tuning.digest if options.tuning is not None else None,
         "options": options.extra,
         "versions": artifact.versions(),
     }

@@ -27,6 +27,7 @@ class CompiledModel:
         # how compile() got this model: "hit", "miss" (compiled, then cached), "off"
         # (cache=False), "unwritable" (compiled; the cache could not be written); None if loaded
         self.cache_status: str | None = None
+        self.tuning_report = None  # accelkit.tuning.TuneReport when compiled with tune=
         self._runner = runner if runner is not None else backend.load(directory, manifest)
         if owns_directory:
             # the loaded library stays mapped until the process exits; the files can go with us

@@ -33,6 +33,7 @@ _SCHEDULED_ATTRS = (SCHEDULED_ATTR, "tir.is_scheduled")  # the second: TVM < 0.2
 # launch costs ~5-8 us on the 2-core dev VM; measured break-even for memory-bound copies
 # (take, transpose) was 32K-64K elements.
 MIN_PARALLEL_WORK = 65536
+PASS_NAME = "AccelkitDefaultSchedule"  # tuned schedules are applied right before this pass
 PARALLEL_CHUNKS_PER_CORE = 16  # iterations of the parallel loop per core, for load balance
 
 
@@ -354,7 +355,7 @@ def default_schedule(target: tvm.target.Target | None = None, *,
     import tvm
     from tvm import tirx
 
-    @tvm.transform.module_pass(opt_level=0, name="AccelkitDefaultSchedule")
+    @tvm.transform.module_pass(opt_level=0, name=PASS_NAME)
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         config = ScheduleConfig.from_target(target, min_parallel_work)
         updates = {}

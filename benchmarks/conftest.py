@@ -64,6 +64,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         ratios = [info["ratio"] for info in interleaved.values()]
         geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
         terminalreporter.write_line(f"{'geomean':>12}: {geomean:.2f} over {len(ratios)} models")
+    tuned = [b.extra_info for b in benches if b.group == "tuning same-run ratio" and "tuned_ms" in b.extra_info]
+    if tuned:
+        terminalreporter.section("tuned vs untuned vs onnxruntime: same run, alternating blocks (> 1 = tuned faster)")
+        for info in tuned:
+            terminalreporter.write_line(
+                f"{info['model']:>12}: tuned {info['tuned_ms']:8.3f} ms  untuned {info['untuned_ms']:8.3f} ms "
+                f"({info['untuned_over_tuned']:5.3f}x)  onnxruntime {info['onnxruntime_ms']:8.3f} ms "
+                f"({info['onnxruntime_over_tuned']:5.3f}x)")
     ratios = {g.removeprefix("model "): m["onnxruntime"] / m["accelkit"] for g, m in medians.items()
               if "accelkit" in m and "onnxruntime" in m}
     if ratios:

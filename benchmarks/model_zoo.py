@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-MODELS = ("resnet50", "mobilenetv2", "bert-base", "minilm", "mlp", "lstm", "gru")
+MODELS = ("resnet50", "mobilenetv2", "bert-base", "minilm", "mlp", "lstm", "gru", "bert-layer")
 OPSET = 17
 SEQ_LEN = 128
 DEFAULT_DIR = os.environ.get("ACCELKIT_ZOO_DIR", os.path.join(os.path.expanduser("~"), ".cache", "accelkit", "model_zoo"))
@@ -118,6 +118,23 @@ def build(name: str, out_dir: str | os.PathLike) -> str:
     if name == "mobilenetv2":
         model = tf.MobileNetV2ForImageClassification(tf.MobileNetV2Config())
         return _export(model, (torch.randn(1, 3, 224, 224),), path, ["pixel_values"], ["logits"])
+    if name == "bert-layer":  # one BERT-base encoder layer, seq 128, with its attention mask
+        layer = tf.BertModel(tf.BertConfig(attn_implementation="eager", num_hidden_layers=1),
+                             add_pooling_layer=False).encoder.layer[0]
+
+        class Layer(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.layer = layer
+
+            def forward(self, hidden_states, attention_mask):
+                extended = (1.0 - attention_mask[:, None, None, :].to(hidden_states.dtype)) * -10000.0
+                out = self.layer(hidden_states, attention_mask=extended)
+                return out[0] if isinstance(out, tuple) else out
+
+        _, mask, _ = _text_inputs(2)
+        return _export(Layer(), (torch.randn(1, SEQ_LEN, 768), mask), path,
+                       ["hidden_states", "attention_mask"], ["output"])
     if name == "bert-base":
         model = tf.BertModel(tf.BertConfig(attn_implementation="eager"), add_pooling_layer=False)
         return _encoder(model, path)

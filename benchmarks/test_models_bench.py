@@ -20,7 +20,8 @@ ROUNDS = {"mlp": 200, "resnet50": 20, "mobilenetv2": 50, "bert-base": 10, "minil
 @pytest.fixture(scope="module")
 def compiled(zoo_model):
     """name -> (accelkit model, onnxruntime session, feeds, compile seconds), built once per
-    model; compiled with cache=False, so the compile time is a real (untuned) compile."""
+    model; compiled with cache=False and tune=False, so the compile time is a real untuned compile
+    (a tuning database on this machine is not applied)."""
     import onnxruntime as ort
     from model_zoo import INPUT_SHAPES, example_inputs
 
@@ -32,7 +33,7 @@ def compiled(zoo_model):
         if name not in built:
             path = zoo_model(name)
             start = time.perf_counter()
-            model = accelkit.compile(path, input_shapes=INPUT_SHAPES.get(name), cache=False)
+            model = accelkit.compile(path, input_shapes=INPUT_SHAPES.get(name), cache=False, tune=False)
             compile_s = time.perf_counter() - start
             options = ort.SessionOptions()
             options.intra_op_num_threads = 2

@@ -229,3 +229,89 @@ def test_kernels_refuse_bad_arguments_with_clear_errors(k):
                         t(np.zeros((2, 7), np.float32)))
     with pytest.raises(Exception, match="out must have the shape of x"):
         k("softmax")(t(np.ones((2, 7), np.float32)), t(np.zeros((2, 8), np.float32)))
+
+
+# ---- tuning configs (ak_tuning): same result under every config, bad configs refused -----------
+
+def _configs(kernel):
+    from accelkit.tuning.kernels import pack_config
+
+    grid = [0, pack_config(threads=1), pack_config(threads=2, grain=1), pack_config(threads=2, grain=16)]
+    if kernel == "dense":
+        grid += [pack_config(threads=2, grain=2, loop=1), pack_config(threads=1, grain=1, loop=1)]
+    if kernel in ("bmm", "conv2d"):
+        grid += [pack_config(threads=2, grain=2, order=1), pack_config(threads=2, grain=4, order=2),
+                 pack_config(threads=1, grain=1, order=2)]
+    return grid
+
+
+def test_dense_same_result_under_every_tuning_config(k, isa):
+    rng = np.random.default_rng(7)
+    x, w = rng.standard_normal((70, 96)).astype(np.float32), rng.standard_normal((96, 75)).astype(np.float32)
+    b, r = rng.standard_normal(75).astype(np.float32), rng.standard_normal((70, 75)).astype(np.float32)
+    outs = []
+    for config in _configs("dense"):
+        out = t(np.zeros((70, 75), np.float32))
+        k("dense")(t(x), t(pack_weight(w)), t(b), t(r), 75, ACT_CODES["relu"], 2, 0.0, 0.0, 1.0, config, out)
+        outs.append(out.numpy())
+    close(outs[0], np.maximum(x.astype(np.float64) @ w + b, 0) + r)
+    for got in outs[1:]:
+        np.testing.assert_array_equal(got, outs[0])  # a config changes the split, not the sums
+
+
+def test_bmm_and_conv_same_result_under_every_tuning_config(k, isa):
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal((3, 40, 24)).astype(np.float32)
+    b = rng.standard_normal((3, 33, 24)).astype(np.float32)
+    ref = None
+    for config in _configs("bmm"):
+        out = t(np.zeros((3, 40, 33), np.float32))
+        k("bmm")(t(a), t(b), none(), 1, 0.5, config, out)
+        ref = out.numpy() if ref is None else (np.testing.assert_array_equal(out.numpy(), ref) or ref)
+    close(ref, 0.5 * (a.astype(np.float64) @ np.swapaxes(b, -1, -2)))
+    x = rng.standard_normal((2, 16, 9, 10)).astype(np.float32)
+    w = (rng.standard_normal((40, 16, 3, 3)) * 0.2).astype(np.float32)
+    bias = rng.standard_normal(40).astype(np.float32)
+    ref = None
+    for config in _configs("conv2d"):
+        out = t(np.zeros((2, 40, 9, 10), np.float32))
+        k("conv2d")(t(x), t(pack_conv_weight(w, 1)), t(bias), none(), 1, 1, 1, 1, 1, 1, 1, 0, 0,
+                    0.0, 0.0, 1.0, config, out)
+        ref = out.numpy() if ref is None else (np.testing.assert_array_equal(out.numpy(), ref) or ref)
+    close(ref, conv_ref(x, w, bias, (1, 1), (1, 1, 1, 1), (1, 1), 1), tol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [0, 1, 2])
+def test_row_kernels_and_depthwise_under_thread_configs(k, isa, threads):
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((64, 300)).astype(np.float32)
+    out = t(np.zeros_like(x))
+    k("softmax")(t(x), threads, out)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    close(out.numpy(), e / e.sum(-1, keepdims=True))
+    g = rng.standard_normal(300).astype(np.float32)
+    k("layer_norm")(t(x), t(g), none(), 1e-5, threads, out)
+    close(out.numpy(), (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * g)
+    xi = rng.standard_normal((1, 12, 10, 13)).astype(np.float32)
+    w = rng.standard_normal((12, 1, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(12).astype(np.float32)
+    out = t(np.zeros((1, 12, 10, 13), np.float32))
+    k("conv2d")(t(xi), t(w), t(b), none(), 12, 1, 1, 1, 1, 1, 1, 0, 0, 0.0, 0.0, 1.0, threads, out)
+    close(out.numpy(), conv_ref(xi, w, b, (1, 1), (1, 1, 1, 1), (1, 1), 12))
+
+
+@pytest.mark.parametrize("config, message", [
+    (-1, "config=-1 is out of range"),
+    (1 << 24, "is out of range"),
+    (65 << 8, "grain 65 (max 64)"),
+    (3 << 16, "order 3 (max 2)"),
+    (2 << 20, "loop 2 (max 1)"),
+])
+def test_bad_tuning_config_is_refused(k, config, message):
+    x = t(np.ones((4, 8), np.float32))
+    out = t(np.zeros((4, 32), np.float32))
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        k("dense")(x, t(pack_weight(np.ones((8, 32), np.float32))), none(), none(), 32, 0, 0, 0.0, 0.0, 1.0,
+                   config, out)
+    with pytest.raises(TypeError, match="expected 11 arguments .*, or 12 with a tuning config"):
+        k("dense")(x, out)

@@ -63,6 +63,8 @@ class CompileOptions:
     # how TVM's Relax VM runs the model: "compiled" (native code, the fast default) or
     # "bytecode" (interpreted, so `accelkit profile` can time every call; never cached)
     exec_mode: str = "compiled"
+    # the tuning records to apply (accelkit.tuning.Applied; the cache key holds its digest)
+    tuning: Any = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +133,7 @@ class TVMBackend(Backend):
     passes, for its own schedules)."""
 
     library_name: ClassVar[str] = "model.so"
+    tunable: ClassVar[bool] = True  # `accelkit tune` searches its generated code (and kernels)
 
     @abc.abstractmethod
     def target(self, options: CompileOptions) -> tvm.target.Target:
@@ -147,6 +150,10 @@ class TVMBackend(Backend):
 
     def load_kernels(self) -> None:
         """Register this backend's kernels (TVM-FFI global functions) in the current process."""
+
+    def kernels_digest(self) -> str:
+        """Identity of the kernel library (kernel tuning records are only reused with it)."""
+        return ""
 
     def passes(self, target: tvm.target.Target) -> list[tvm.transform.Pass]:
         """Relax passes lowering what the patterns left to TVM-generated code: TVM's CPU pipeline
@@ -180,21 +187,48 @@ class TVMBackend(Backend):
                         f"needs {key}={here.get(key)!r} (its code may not run here)")
         return None
 
-    def compile(self, graph: Graph, options: CompileOptions, out_dir: str) -> dict[str, Any]:
-        import tvm
-        from tvm import relax
-
+    def _offloaded(self, graph: Graph, options: CompileOptions):
+        """(target, Relax module with the patterns' subgraphs in kernel calls, offload counts)."""
         from accelkit import frontend
-        from accelkit.errors import CompileError
         from accelkit.guards import clip_take_indices
         from accelkit.partition import offload
 
         target = self.target(options)
         mod = clip_take_indices(frontend.to_relax(graph))
         mod, offloaded = offload(mod, self.patterns())
+        return target, mod, offloaded
+
+    def tuning_module(self, graph: Graph, options: CompileOptions):
+        """(target, module) at the point tuning works on: kernel calls in place and every
+        TVM-generated PrimFunc lowered but not yet scheduled (the passes before the default
+        schedule); None when this backend's passes have no default-schedule step."""
+        import tvm
+
+        target, mod, _ = self._offloaded(graph, options)
+        passes = self.passes(target)
+        at = _schedule_index(passes)
+        if at is None:
+            return None
+        with target:
+            return target, tvm.transform.Sequential(passes[:at])(mod)
+
+    def compile(self, graph: Graph, options: CompileOptions, out_dir: str) -> dict[str, Any]:
+        import tvm
+        from tvm import relax
+
+        from accelkit.errors import CompileError
+
+        target, mod, offloaded = self._offloaded(graph, options)
+        passes = self.passes(target)
+        applied: dict[str, Any] = {}
+        if options.tuning is not None:
+            mod = options.tuning.apply_kernels(mod, applied)
+            at = _schedule_index(passes)
+            if at is not None:  # tuned schedules first; the default schedule skips those
+                passes = passes[:at] + [options.tuning.apply_schedules(applied)] + passes[at:]
         try:
             with target:
-                mod = tvm.transform.Sequential(self.passes(target))(mod)
+                mod = tvm.transform.Sequential(passes)(mod)
             executable = relax.build(mod, target, relax_pipeline=None, exec_mode=options.exec_mode)
             executable.export_library(os.path.join(out_dir, self.library_name))
         except Exception as exc:  # TVM raises many types; keep its reason
@@ -203,8 +237,11 @@ class TVMBackend(Backend):
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         kernels = sorted({p.kernel for p in self.patterns() if p.name in offloaded})
-        return {"target": str(target), "target_config": _target_config(target),
-                "offloaded": offloaded, "kernels": kernels, "library": self.library_name}
+        entries = {"target": str(target), "target_config": _target_config(target),
+                   "offloaded": offloaded, "kernels": kernels, "library": self.library_name}
+        if options.tuning is not None:
+            entries["tuning"] = {"database": options.tuning.digest, "applied": applied}
+        return entries
 
     def _check_kernels(self, manifest: dict[str, Any]) -> None:
         """Every kernel the executable calls must be registered here: a missing one would only
@@ -231,6 +268,16 @@ class TVMBackend(Backend):
         self._check_kernels(manifest)
         lib = tvm.runtime.load_module(os.path.join(directory, manifest["library"]))
         return _VMRunner(relax.VirtualMachine(lib, self.device()), self.device())
+
+
+def _schedule_index(passes) -> int | None:
+    """Position of accelkit's default-schedule pass in a pass list (tuned schedules go there)."""
+    from accelkit.schedules import PASS_NAME
+
+    for i, p in enumerate(passes):
+        if p.info.name == PASS_NAME:
+            return i
+    return None
 
 
 def _target_config(target) -> dict[str, Any]:

@@ -385,6 +385,9 @@ class CPUBackend(TVMBackend):
 
         kernels.load()
 
+    def kernels_digest(self) -> str:
+        return kernels_digest()
+
     def fingerprint(self) -> str:
         from accelkit import __version__
 

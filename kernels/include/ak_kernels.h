@@ -44,6 +44,23 @@ typedef struct {
   int64_t SH, SW, PH, PW, DH, DW;
 } ak_conv_geom;
 
+/* Tuning knobs of one kernel call; 0 everywhere = the built-in heuristics (what an untuned model
+ * runs). `accelkit tune` measures alternatives per call site and bakes the best into the call.
+ * The FFI layer passes them packed in one int64 `config` argument (see ak_tuning_unpack). */
+typedef struct {
+  int threads; /* pool threads to use: 0 = all; 1 = run on the calling thread */
+  int grain;   /* GEMM: work items per thread (load balance vs reuse); 0 = 4 */
+  int order;   /* GEMM: 0 = auto, 1 = stream B panels, 2 = B-resident when B is packed per call */
+  int loop;    /* GEMM with packed weights: 0 = row chunks inner, 1 = weight panels inner */
+} ak_tuning;
+#define AK_TUNE_MAX_GRAIN 64
+/* config = threads | grain << 8 | order << 16 | loop << 20 */
+static inline ak_tuning ak_tuning_unpack(int64_t config) {
+  ak_tuning t = {(int)(config & 0xff), (int)((config >> 8) & 0xff), (int)((config >> 16) & 0xf),
+                 (int)((config >> 20) & 0xf)};
+  return t;
+}
+
 typedef struct ak_gemm ak_gemm;
 /* Fills dst[K][AK_NR] with columns [n0, n0 + AK_NR) of batch b's B (zeros past N). */
 typedef void (*ak_pack_fn)(const ak_gemm* g, int64_t b, int64_t n0, float* dst);
@@ -60,6 +77,7 @@ struct ak_gemm {
   const float* bias; int64_t bias_bstride;
   const float* res; int64_t ldr, r_bstride;
   ak_epilogue epi;
+  ak_tuning tune;
 };
 
 /* Runs a GEMM description (validated by the caller), in parallel. */
@@ -73,19 +91,19 @@ void ak_pack_b_f32(const float* b, int64_t K, int64_t N, int transposed, float* 
  * or with w_packed, [groups][ceil(cout_g/MR)][C_g*KH*KW][MR] (ak_pack_a_f32 per group). */
 void ak_conv2d_f32(const float* x, const float* w, int w_packed, const float* bias,
                    const float* res, float* out, int64_t n, int64_t groups,
-                   const ak_conv_geom* g, int64_t cout, ak_epilogue epi);
+                   const ak_conv_geom* g, int64_t cout, ak_epilogue epi, ak_tuning tune);
 
 /* Depthwise conv (groups == channels == Cout, g->C == 1): direct, per channel. */
 void ak_depthwise_f32(const float* x, const float* w, const float* bias, const float* res,
                       float* out, int64_t n, int64_t channels, const ak_conv_geom* g,
-                      ak_epilogue epi);
+                      ak_epilogue epi, int threads);
 
 /* out[r] = (x[r] - mean) / sqrt(var + eps) * gamma + beta over rows of length D. */
 void ak_layer_norm_f32(const float* x, const float* gamma, const float* beta, float* out,
-                       int64_t rows, int64_t D, float eps);
+                       int64_t rows, int64_t D, float eps, int threads);
 
 /* out[r] = softmax(x[r]) over rows of length D. */
-void ak_softmax_f32(const float* x, float* out, int64_t rows, int64_t D);
+void ak_softmax_f32(const float* x, float* out, int64_t rows, int64_t D, int threads);
 
 /* Threading: the parallel-launch function of the process's pool (TVM's
  * TVMBackendParallelLaunch); NULL runs serially. */
@@ -96,6 +114,9 @@ void ak_set_parallel_launch(ak_parallel_launch_fn fn, int num_threads);
 int ak_num_threads(void);
 /* Splits [0, n) into one contiguous range per pool thread and runs body on each. */
 void ak_parallel_range(void (*body)(int64_t begin, int64_t end, void* ctx), void* ctx, int64_t n);
+/* The same on at most `threads` threads (0 = all of the pool's). */
+void ak_parallel_range_n(void (*body)(int64_t begin, int64_t end, void* ctx), void* ctx, int64_t n,
+                         int threads);
 
 /* Micro-kernels and row epilogues, one set per instruction set (internal). lda == 0: a is one
  * packed micro-panel, A[i][k] = a[k*MR + i]. */

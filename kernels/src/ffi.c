@@ -1,7 +1,9 @@
 /* TVM-FFI glue: destination-passing safe_call wrappers that check every argument (dtype, rank,
  * shape, device, contiguity, attribute ranges) before touching memory, and register them as
  * global functions `accelkit.cpu.<kernel>` callable from R.call_dps_packed. The only file that
- * sees TVM headers. An "absent" optional tensor (bias, residual) is passed as a 0-element one. */
+ * sees TVM headers. An "absent" optional tensor (bias, residual) is passed as a 0-element one.
+ * Every kernel also takes an optional int64 tuning `config` just before `out` (ak_tuning: thread
+ * count, work split, loop order); without it, or with 0, it runs its built-in heuristics. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -109,9 +111,25 @@ static int ak_float(const ak_call* c, int i, const char* what, float* out) {
 #define AK_TRY(e) do { if ((e) != 0) return -1; } while (0)
 #define AK_NEED(t) do { if ((t) == NULL) return -1; } while (0)
 
+/* n arguments (sig), or n + 1 with an int64 tuning `config` just before the last (out). */
 static int ak_nargs(const ak_call* c, int n, const char* sig) {
-  if (c->num_args != n)
-    return ak_fail(c, "TypeError", "expected %d arguments (%s), got %d", n, sig, (int)c->num_args);
+  if (c->num_args != n && c->num_args != n + 1)
+    return ak_fail(c, "TypeError", "expected %d arguments (%s), or %d with a tuning config "
+                   "before out, got %d", n, sig, n + 1, (int)c->num_args);
+  return 0;
+}
+
+/* The optional tuning config (see ak_tuning in ak_kernels.h); zeros when absent. */
+static int ak_config(const ak_call* c, int n, ak_tuning* t) {
+  memset(t, 0, sizeof(*t));
+  if (c->num_args == n) return 0;
+  int64_t config;
+  AK_TRY(ak_int(c, n - 1, "config", 0, ((int64_t)1 << 24) - 1, &config));
+  *t = ak_tuning_unpack(config);
+  if (t->grain > AK_TUNE_MAX_GRAIN || t->order > 2 || t->loop > 1)
+    return ak_fail(c, "ValueError", "config %lld has grain %d (max %d), order %d (max 2), "
+                   "loop %d (max 1)", (long long)config, t->grain, AK_TUNE_MAX_GRAIN, t->order,
+                   t->loop);
   return 0;
 }
 
@@ -152,9 +170,11 @@ static int ak_dense(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* res
   AK_NEED(w = ak_f32(&c, 1, "w_packed", 3, 3));
   AK_NEED(bias = ak_f32(&c, 2, "bias", 1, 1));
   AK_NEED(res = ak_f32(&c, 3, "res", 1, 8));
-  AK_NEED(out = ak_f32(&c, 10, "out", 1, 8));
+  AK_NEED(out = ak_f32(&c, n - 1, "out", 1, 8));
   int64_t N;
   ak_epilogue e;
+  ak_tuning tune;
+  AK_TRY(ak_config(&c, 11, &tune));
   AK_TRY(ak_int(&c, 4, "N", 1, (int64_t)1 << 40, &N));
   AK_TRY(ak_epi(&c, 5, &e));
   const int64_t K = x->shape[x->ndim - 1];
@@ -184,6 +204,7 @@ static int ak_dense(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* res
   g.res = e.res_mode ? AK_DATA(res) : NULL; g.ldr = N;
   g.epi = e;
   g.epi.bias_mode = g.bias ? AK_BIAS_COL : AK_BIAS_NONE;
+  g.tune = tune;
   ak_gemm_f32(&g);
   return 0;
 }
@@ -211,9 +232,11 @@ static int ak_bmm(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* resul
   AK_NEED(a = ak_f32(&c, 0, "a", 2, 8));
   AK_NEED(b = ak_f32(&c, 1, "b", 2, 8));
   AK_NEED(res = ak_f32(&c, 2, "res", 1, 8));
-  AK_NEED(out = ak_f32(&c, 5, "out", 2, 8));
+  AK_NEED(out = ak_f32(&c, n - 1, "out", 2, 8));
   int64_t trans_b;
   float scale;
+  ak_tuning tune;
+  AK_TRY(ak_config(&c, 6, &tune));
   AK_TRY(ak_int(&c, 3, "trans_b", 0, 1, &trans_b));
   AK_TRY(ak_float(&c, 4, "scale", &scale));
   const int64_t M = a->shape[a->ndim - 2], K = a->shape[a->ndim - 1];
@@ -243,6 +266,7 @@ static int ak_bmm(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* resul
   g.res = has_res ? AK_DATA(res) : NULL; g.ldr = N; g.r_bstride = M * N;
   g.epi.scale = scale;
   g.epi.res_mode = has_res ? AK_RES_POST_ACT : AK_RES_NONE;
+  g.tune = tune;
   ak_gemm_f32(&g);
   return 0;
 }
@@ -261,7 +285,9 @@ static int ak_conv2d(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* re
   AK_NEED(w = ak_f32(&c, 1, "w", 4, 6));
   AK_NEED(bias = ak_f32(&c, 2, "bias", 1, 1));
   AK_NEED(res = ak_f32(&c, 3, "res", 1, 4));
-  AK_NEED(out = ak_f32(&c, 16, "out", 4, 4));
+  AK_NEED(out = ak_f32(&c, n - 1, "out", 4, 4));
+  ak_tuning tune;
+  AK_TRY(ak_config(&c, 17, &tune));
   int64_t groups, v[6];
   static const char* names[6] = {"stride_h", "stride_w", "pad_top", "pad_left", "dilation_h",
                                  "dilation_w"};
@@ -300,9 +326,10 @@ static int ak_conv2d(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* re
   const float* b = AK_OPT(bias);
   const float* r = e.res_mode ? AK_DATA(res) : NULL;
   if (!packed && groups == C && groups == cout && groups > 1)
-    ak_depthwise_f32(AK_DATA(x), AK_DATA(w), b, r, AK_DATA(out), N, C, &g, e);
+    ak_depthwise_f32(AK_DATA(x), AK_DATA(w), b, r, AK_DATA(out), N, C, &g, e, tune.threads);
   else
-    ak_conv2d_f32(AK_DATA(x), AK_DATA(w), packed, b, r, AK_DATA(out), N, groups, &g, cout, e);
+    ak_conv2d_f32(AK_DATA(x), AK_DATA(w), packed, b, r, AK_DATA(out), N, groups, &g, cout, e,
+                  tune);
   return 0;
 }
 
@@ -315,16 +342,18 @@ static int ak_layer_norm(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny
   AK_NEED(x = ak_f32(&c, 0, "x", 1, 8));
   AK_NEED(gamma = ak_f32(&c, 1, "gamma", 1, 1));
   AK_NEED(beta = ak_f32(&c, 2, "beta", 1, 1));
-  AK_NEED(out = ak_f32(&c, 4, "out", 1, 8));
+  AK_NEED(out = ak_f32(&c, n - 1, "out", 1, 8));
   float eps;
   AK_TRY(ak_float(&c, 3, "eps", &eps));
+  ak_tuning tune;
+  AK_TRY(ak_config(&c, 5, &tune));
   AK_TRY(ak_same_shape(&c, out, x, "out", "x"));
   const int64_t D = x->shape[x->ndim - 1];
   if (ak_numel(gamma) != D || (ak_numel(beta) != 0 && ak_numel(beta) != D))
     return ak_fail(&c, "ValueError", "gamma/beta must have D=%lld elements", (long long)D);
   if (D == 0) return 0;
   ak_layer_norm_f32(AK_DATA(x), AK_DATA(gamma), AK_OPT(beta), AK_DATA(out), ak_numel(x) / D, D,
-                    eps);
+                    eps, tune.threads);
   return 0;
 }
 
@@ -335,11 +364,13 @@ static int ak_softmax(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* r
   AK_TRY(ak_nargs(&c, 2, "x, out"));
   DLTensor *x, *out;
   AK_NEED(x = ak_f32(&c, 0, "x", 1, 8));
-  AK_NEED(out = ak_f32(&c, 1, "out", 1, 8));
+  AK_NEED(out = ak_f32(&c, n - 1, "out", 1, 8));
+  ak_tuning tune;
+  AK_TRY(ak_config(&c, 2, &tune));
   AK_TRY(ak_same_shape(&c, out, x, "out", "x"));
   const int64_t D = x->shape[x->ndim - 1];
   if (D == 0) return 0;
-  ak_softmax_f32(AK_DATA(x), AK_DATA(out), ak_numel(x) / D, D);
+  ak_softmax_f32(AK_DATA(x), AK_DATA(out), ak_numel(x) / D, D, tune.threads);
   return 0;
 }
 

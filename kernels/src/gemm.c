@@ -45,8 +45,14 @@ static int ak_range_lambda(int task_id, ak_parallel_env* env, void* cdata) {
 }
 
 void ak_parallel_range(void (*body)(int64_t, int64_t, void*), void* ctx, int64_t n) {
+  ak_parallel_range_n(body, ctx, n, 0);
+}
+
+void ak_parallel_range_n(void (*body)(int64_t, int64_t, void*), void* ctx, int64_t n,
+                         int want) {
   if (n <= 0) return;
-  const int threads = ak_num_threads();
+  const int pool = ak_num_threads();
+  const int threads = want > 0 && want < pool ? want : pool;
   if (threads <= 1 || n == 1) {
     body(0, n, ctx);
     return;
@@ -175,6 +181,7 @@ typedef struct {
   ak_pack_fn pack;
   ak_ukr_fn ukr;
   int64_t P, mchunks, mrows;
+  int panels_inner; /* idx -> (batch, m chunk, panel) instead of (batch, panel, m chunk) */
 } ak_gemm_job;
 
 static void gemm_range(int64_t begin, int64_t end, void* ctx) {
@@ -183,8 +190,17 @@ static void gemm_range(int64_t begin, int64_t end, void* ctx) {
   float* buf = NULL;
   int64_t packed = -1;
   for (int64_t idx = begin; idx < end; ++idx) {
-    const int64_t mc = idx % job->mchunks, bp = idx / job->mchunks;
-    const int64_t p = bp % job->P, bi = bp / job->P;
+    int64_t mc, p, bi;
+    if (job->panels_inner) {
+      p = idx % job->P;
+      mc = (idx / job->P) % job->mchunks;
+      bi = idx / (job->P * job->mchunks);
+    } else {
+      mc = idx % job->mchunks;
+      p = (idx / job->mchunks) % job->P;
+      bi = idx / (job->mchunks * job->P);
+    }
+    const int64_t bp = bi * job->P + p;
     const int64_t n0 = p * AK_NR;
     const int nv = (int)(g->N - n0 < AK_NR ? g->N - n0 : AK_NR);
     const float* panel;
@@ -264,33 +280,39 @@ void ak_gemm_f32(const ak_gemm* g) {
   job.ukr = ak_table()->ukr;
   job.P = (g->N + AK_NR - 1) / AK_NR;
   const int64_t mtiles = (g->M + AK_MR - 1) / AK_MR;
-  const int64_t threads = ak_num_threads();
+  const int pool = ak_num_threads();
+  const int64_t threads = g->tune.threads > 0 && g->tune.threads < pool ? g->tune.threads : pool;
+  const int64_t grain = g->tune.grain > 0 ? g->tune.grain : 4;
   const size_t b_bytes = (size_t)job.P * (size_t)g->K * AK_NR * sizeof(float);
-  if (!g->b_prepacked && b_bytes <= AK_RESIDENT_B_BYTES && g->M >= g->N &&
-      mtiles >= 4 * threads) {
+  const int resident = g->tune.order == 2 ? b_bytes <= 8 * AK_RESIDENT_B_BYTES
+                       : g->tune.order == 1 ? 0
+                       : b_bytes <= AK_RESIDENT_B_BYTES && g->M >= g->N && mtiles >= 4 * threads;
+  if (!g->b_prepacked && resident) {
     float* packed = ak_scratch(b_bytes / sizeof(float)); /* the calling thread's */
     if (packed) {
       for (int64_t bi = 0; bi < g->batch; ++bi) {
         ak_resident_job r = {&job, packed, bi};
-        ak_parallel_range(resident_pack_range, &r, job.P);
-        ak_parallel_range(resident_tile_range, &r, mtiles);
+        ak_parallel_range_n(resident_pack_range, &r, job.P, (int)threads);
+        ak_parallel_range_n(resident_tile_range, &r, mtiles, (int)threads);
       }
       return;
     }
   }
-  const int64_t want = 4 * threads, have = g->batch * job.P;
+  /* panels inner only pays with packed weights (a per-call panel would be packed again) */
+  job.panels_inner = g->b_prepacked && g->tune.loop == 1;
+  const int64_t want = grain * threads, have = g->batch * job.P;
   int64_t chunks = have >= want ? 1 : (want + have - 1) / have;
   if (chunks > mtiles) chunks = mtiles;
   job.mrows = ((mtiles + chunks - 1) / chunks) * AK_MR;
   job.mchunks = (g->M + job.mrows - 1) / job.mrows;
-  ak_parallel_range(gemm_range, &job, g->batch * job.P * job.mchunks);
+  ak_parallel_range_n(gemm_range, &job, g->batch * job.P * job.mchunks, (int)threads);
 }
 
 /* ---- convolution ------------------------------------------------------------------------- */
 
 void ak_conv2d_f32(const float* x, const float* w, int w_packed, const float* bias,
                    const float* res, float* out, int64_t n, int64_t groups,
-                   const ak_conv_geom* cg, int64_t cout, ak_epilogue epi) {
+                   const ak_conv_geom* cg, int64_t cout, ak_epilogue epi, ak_tuning tune) {
   const int64_t coutg = cout / groups, K = cg->C * cg->KH * cg->KW, N = cg->OH * cg->OW;
   const int pointwise = cg->KH == 1 && cg->KW == 1 && cg->SH == 1 && cg->SW == 1 &&
                         cg->PH == 0 && cg->PW == 0 && cg->OH == cg->H && cg->OW == cg->W;
@@ -307,6 +329,7 @@ void ak_conv2d_f32(const float* x, const float* w, int w_packed, const float* bi
     g.bias = bias; g.bias_bstride = 0;
     g.res = res; g.ldr = N; g.r_bstride = cout * N;
     g.epi = epi;
+    g.tune = tune;
     ak_gemm_f32(&g);
     return;
   }
@@ -323,6 +346,7 @@ void ak_conv2d_f32(const float* x, const float* w, int w_packed, const float* bi
     g.bias = bias; g.bias_bstride = coutg;
     g.res = res ? res + i * cout * N : NULL; g.ldr = N; g.r_bstride = coutg * N;
     g.epi = epi;
+    g.tune = tune;
     ak_gemm_f32(&g);
   }
 }
@@ -419,10 +443,10 @@ static void depthwise_range_portable(int64_t begin, int64_t end, void* ctx) {
 
 void ak_depthwise_f32(const float* x, const float* w, const float* bias, const float* res,
                       float* out, int64_t n, int64_t channels, const ak_conv_geom* g,
-                      ak_epilogue epi) {
+                      ak_epilogue epi, int threads) {
   ak_dw_job job = {x, w, bias, res, out, g, epi, channels};
-  ak_parallel_range(ak_isa() ? depthwise_range_dispatch : depthwise_range_portable, &job,
-                    n * channels);
+  ak_parallel_range_n(ak_isa() ? depthwise_range_dispatch : depthwise_range_portable, &job,
+                      n * channels, threads);
 }
 
 /* ---- row kernels ------------------------------------------------------------------------- */
@@ -441,19 +465,19 @@ static void rows_range(int64_t begin, int64_t end, void* ctx) {
     job->fn(job->x + r * job->D, job->gamma, job->beta, job->out + r * job->D, job->D, job->eps);
 }
 
-static void run_rows(ak_rows_job* job, int64_t rows) {
-  /* whole rows per task; tiny inputs run on the calling thread */
-  if (rows * job->D < 16384) rows_range(0, rows, job);
-  else ak_parallel_range(rows_range, job, rows);
+static void run_rows(ak_rows_job* job, int64_t rows, int threads) {
+  /* whole rows per task; untuned, tiny inputs run on the calling thread */
+  if (threads == 1 || (threads == 0 && rows * job->D < 16384)) rows_range(0, rows, job);
+  else ak_parallel_range_n(rows_range, job, rows, threads);
 }
 
 void ak_layer_norm_f32(const float* x, const float* gamma, const float* beta, float* out,
-                       int64_t rows, int64_t D, float eps) {
+                       int64_t rows, int64_t D, float eps, int threads) {
   ak_rows_job job = {x, gamma, beta, out, D, eps, ak_table()->layer_norm_row};
-  run_rows(&job, rows);
+  run_rows(&job, rows, threads);
 }
 
-void ak_softmax_f32(const float* x, float* out, int64_t rows, int64_t D) {
+void ak_softmax_f32(const float* x, float* out, int64_t rows, int64_t D, int threads) {
   ak_rows_job job = {x, NULL, NULL, out, D, 0.f, ak_table()->softmax_row};
-  run_rows(&job, rows);
+  run_rows(&job, rows, threads);
 }
