@@ -74,7 +74,7 @@ def test_tuned_vs_untuned_same_run(benchmark, systems, name):
     benchmark.group = "tuning same-run ratio"
 
     def both():
-        return (interleaved(lambda: tuned.run(feeds), lambda: untuned.run(feeds), blocks=10, per_block=per_block),
+        return (interleaved(lambda: tuned.run(feeds), lambda: untuned.run(feeds), blocks=20, per_block=per_block),
                 interleaved(lambda: tuned.run(feeds), lambda: session.run(None, feeds), per_block=per_block))
 
     (t1, u), (t2, o) = benchmark.pedantic(both, rounds=1, iterations=1)

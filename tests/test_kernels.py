@@ -238,23 +238,26 @@ def _configs(kernel):
 
     grid = [0, pack_config(threads=1), pack_config(threads=2, grain=1), pack_config(threads=2, grain=16)]
     if kernel == "dense":
-        grid += [pack_config(threads=2, grain=2, loop=1), pack_config(threads=1, grain=1, loop=1)]
+        grid += [pack_config(threads=2, grain=2, loop=1), pack_config(threads=1, grain=1, loop=1),
+                 pack_config(threads=2, grain=4, kc=64), pack_config(threads=2, grain=2, loop=1, kc=128)]
     if kernel in ("bmm", "conv2d"):
         grid += [pack_config(threads=2, grain=2, order=1), pack_config(threads=2, grain=4, order=2),
-                 pack_config(threads=1, grain=1, order=2)]
+                 pack_config(threads=1, grain=1, order=2), pack_config(threads=2, grain=1, order=1, kc=64)]
     return grid
 
 
 def test_dense_same_result_under_every_tuning_config(k, isa):
+    """K blocks included: the partial sums go through the output exactly, so even those match
+    bit for bit (K = 150: two and a half 64-blocks)."""
     rng = np.random.default_rng(7)
-    x, w = rng.standard_normal((70, 96)).astype(np.float32), rng.standard_normal((96, 75)).astype(np.float32)
+    x, w = rng.standard_normal((70, 150)).astype(np.float32), rng.standard_normal((150, 75)).astype(np.float32)
     b, r = rng.standard_normal(75).astype(np.float32), rng.standard_normal((70, 75)).astype(np.float32)
     outs = []
     for config in _configs("dense"):
         out = t(np.zeros((70, 75), np.float32))
-        k("dense")(t(x), t(pack_weight(w)), t(b), t(r), 75, ACT_CODES["relu"], 2, 0.0, 0.0, 1.0, config, out)
+        k("dense")(t(x), t(pack_weight(w)), t(b), t(r), 75, ACT_CODES["gelu"], 2, 0.0, 0.0, 0.5, config, out)
         outs.append(out.numpy())
-    close(outs[0], np.maximum(x.astype(np.float64) @ w + b, 0) + r)
+    close(outs[0], ACTS["gelu"](0.5 * (x.astype(np.float64) @ w) + b) + r)
     for got in outs[1:]:
         np.testing.assert_array_equal(got, outs[0])  # a config changes the split, not the sums
 
@@ -302,7 +305,8 @@ def test_row_kernels_and_depthwise_under_thread_configs(k, isa, threads):
 
 @pytest.mark.parametrize("config, message", [
     (-1, "config=-1 is out of range"),
-    (1 << 24, "is out of range"),
+    (1 << 28, "is out of range"),
+    (6 << 24, "K-block code 6 (max 5)"),
     (65 << 8, "grain 65 (max 64)"),
     (3 << 16, "order 3 (max 2)"),
     (2 << 20, "loop 2 (max 1)"),

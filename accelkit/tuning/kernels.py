@@ -20,13 +20,18 @@ GEMM_KERNELS = ("accelkit.cpu.dense", "accelkit.cpu.bmm", "accelkit.cpu.conv2d")
 MARGIN = 0.03  # a config must be this much faster than untuned to be kept (noise on 2 cores)
 
 
-def pack_config(threads: int = 0, grain: int = 0, order: int = 0, loop: int = 0) -> int:
-    return threads | grain << 8 | order << 16 | loop << 20
+def pack_config(threads: int = 0, grain: int = 0, order: int = 0, loop: int = 0, kc: int = 0) -> int:
+    """One int64 for ak_tuning (kernels/include/ak_kernels.h); kc: 0 (all of K) or 64..1024."""
+    code = 0 if not kc else kc.bit_length() - 6  # 64 -> 1, 128 -> 2, ..., 1024 -> 5
+    if kc and (kc != 64 << (code - 1) or not 1 <= code <= 5):
+        raise ValueError(f"kc must be 0 or a power of two in 64..1024, got {kc}")
+    return threads | grain << 8 | order << 16 | loop << 20 | code << 24
 
 
 def describe_config(config: int) -> str:
     threads, grain, order, loop = (config & 0xFF, (config >> 8) & 0xFF, (config >> 16) & 0xF,
                                    (config >> 20) & 0xF)
+    code = (config >> 24) & 0xF
     if config == 0:
         return "untuned"
     parts = [f"threads={threads or 'all'}"]
@@ -36,6 +41,8 @@ def describe_config(config: int) -> str:
         parts.append({1: "stream-B", 2: "B-resident"}[order])
     if loop:
         parts.append("panels-inner")
+    if code:
+        parts.append(f"kc={64 << (code - 1)}")
     return ",".join(parts)
 
 
@@ -57,6 +64,8 @@ class KernelTask:
             depthwise = conv and _is_depthwise(self.call)
             if depthwise:
                 return out + [pack_config(threads=t) for t in thread_options]
+            k = _reduction_length(self)
+            blocks = (0, 256, 512) if k >= 1024 else (0,)  # K blocks only pay for a long K
             for threads in thread_options:
                 for grain in (1, 2, 4, 8, 16):
                     if threads == 1 and grain != 1:
@@ -65,10 +74,21 @@ class KernelTask:
                     loops = (0, 1) if dense else (0,)
                     for order in orders:
                         for loop in loops:
-                            out.append(pack_config(threads, grain, order, loop))
+                            for kc in blocks if grain in (1, 4) else (0,):
+                                out.append(pack_config(threads, grain, order, loop, kc))
         else:  # layer norm / softmax: serial or parallel
             out += [pack_config(threads=t) for t in thread_options]
         return list(dict.fromkeys(out))
+
+
+def _reduction_length(task: "KernelTask") -> int:
+    """K of a GEMM kernel call (dense: x's last dim; bmm: a's; conv: C/groups * KH * KW)."""
+    fields = task.call.args[1].fields
+    first = [int(d) for d in fields[0].ty.shape]
+    if task.kernel == "accelkit.cpu.conv2d":
+        w = [int(d) for d in fields[1].ty.shape]
+        return w[2] * w[3] * w[4] if len(w) == 6 else w[1] * w[2] * w[3]
+    return first[-1]
 
 
 def _is_depthwise(call) -> bool:

@@ -35,6 +35,9 @@ typedef struct {
   float scale;      /* multiplies A @ B before the bias */
   int bias_mode;    /* ak_bias_mode: bias[n] or bias[m] */
   int res_mode;     /* ak_res_mode */
+  /* K-blocked GEMM (driver-internal, 0 from callers): accumulate = C holds a partial sum to
+   * add to; raw = store the partial sum, no epilogue (a later K block finishes it) */
+  int accumulate, raw;
 } ak_epilogue;
 
 /* Convolution geometry (NCHW input of one image, OIHW weight). */
@@ -52,12 +55,15 @@ typedef struct {
   int grain;   /* GEMM: work items per thread (load balance vs reuse); 0 = 4 */
   int order;   /* GEMM: 0 = auto, 1 = stream B panels, 2 = B-resident when B is packed per call */
   int loop;    /* GEMM with packed weights: 0 = row chunks inner, 1 = weight panels inner */
+  int kc;      /* GEMM: K block (a panel's slice stays in L1 across the row tiles); 0 = all K */
 } ak_tuning;
 #define AK_TUNE_MAX_GRAIN 64
-/* config = threads | grain << 8 | order << 16 | loop << 20 */
+#define AK_TUNE_MAX_KC_CODE 5 /* kc = 64 << (code - 1): 64 .. 1024 */
+/* config = threads | grain << 8 | order << 16 | loop << 20 | kc code << 24 */
 static inline ak_tuning ak_tuning_unpack(int64_t config) {
+  const int kcode = (int)((config >> 24) & 0xf);
   ak_tuning t = {(int)(config & 0xff), (int)((config >> 8) & 0xff), (int)((config >> 16) & 0xf),
-                 (int)((config >> 20) & 0xf)};
+                 (int)((config >> 20) & 0xf), kcode ? 64 << (kcode - 1) : 0};
   return t;
 }
 

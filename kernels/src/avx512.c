@@ -93,9 +93,19 @@ AK_INLINE void ukr_body(const int MR, const int APACK, const int HALF, int64_t K
                         float* c, int64_t ldc, int nv, const float* bias_col,
                         const float* bias_row, const float* res, int64_t ldr,
                         const ak_epilogue* epi) {
+  const __mmask16 m0 = nv >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nv) - 1u);
+  const __mmask16 m1 = nv >= 32 ? (__mmask16)0xFFFF
+                                : (nv > 16 ? (__mmask16)((1u << (nv - 16)) - 1u) : 0);
   __m512 acc0[AK_MR], acc1[AK_MR];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+  if (epi->accumulate) {
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      acc0[i] = _mm512_maskz_loadu_ps(m0, c + i * ldc);
+      if (!HALF) acc1[i] = _mm512_maskz_loadu_ps(m1, c + i * ldc + 16);
+    }
+  }
   const float* ar[AK_MR];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) ar[i] = a + i * lda;
@@ -109,9 +119,14 @@ AK_INLINE void ukr_body(const int MR, const int APACK, const int HALF, int64_t K
       if (!HALF) acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
     }
   }
-  const __mmask16 m0 = nv >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nv) - 1u);
-  const __mmask16 m1 = nv >= 32 ? (__mmask16)0xFFFF
-                                : (nv > 16 ? (__mmask16)((1u << (nv - 16)) - 1u) : 0);
+  if (epi->raw) { /* a partial sum over a K block: the next block adds to it */
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      _mm512_mask_storeu_ps(c + i * ldc, m0, acc0[i]);
+      if (m1) _mm512_mask_storeu_ps(c + i * ldc + 16, m1, acc1[i]);
+    }
+    return;
+  }
   __m512 bc0 = _mm512_setzero_ps(), bc1 = _mm512_setzero_ps();
   if (bias_col) {
     bc0 = _mm512_maskz_loadu_ps(m0, bias_col);

@@ -123,13 +123,14 @@ static int ak_nargs(const ak_call* c, int n, const char* sig) {
 static int ak_config(const ak_call* c, int n, ak_tuning* t) {
   memset(t, 0, sizeof(*t));
   if (c->num_args == n) return 0;
-  int64_t config;
-  AK_TRY(ak_int(c, n - 1, "config", 0, ((int64_t)1 << 24) - 1, &config));
+  int64_t config = 0;
+  AK_TRY(ak_int(c, n - 1, "config", 0, ((int64_t)1 << 28) - 1, &config));
   *t = ak_tuning_unpack(config);
-  if (t->grain > AK_TUNE_MAX_GRAIN || t->order > 2 || t->loop > 1)
+  const int kcode = (int)((config >> 24) & 0xf);
+  if (t->grain > AK_TUNE_MAX_GRAIN || t->order > 2 || t->loop > 1 || kcode > AK_TUNE_MAX_KC_CODE)
     return ak_fail(c, "ValueError", "config %lld has grain %d (max %d), order %d (max 2), "
-                   "loop %d (max 1)", (long long)config, t->grain, AK_TUNE_MAX_GRAIN, t->order,
-                   t->loop);
+                   "loop %d (max 1), K-block code %d (max %d)", (long long)config, t->grain,
+                   AK_TUNE_MAX_GRAIN, t->order, t->loop, kcode, AK_TUNE_MAX_KC_CODE);
   return 0;
 }
 

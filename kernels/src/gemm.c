@@ -221,13 +221,23 @@ static void gemm_range(int64_t begin, int64_t end, void* ctx) {
     float* c = g->c + bi * g->c_bstride + n0;
     const float* bias = g->bias ? g->bias + bi * g->bias_bstride : NULL;
     const float* res = g->res ? g->res + bi * g->r_bstride + n0 : NULL;
-    for (int64_t m0 = m_begin; m0 < m_end; m0 += AK_MR) {
-      const int mr = (int)(m_end - m0 < AK_MR ? m_end - m0 : AK_MR);
-      const float* at = g->a_prepacked ? a + (m0 / AK_MR) * g->K * AK_MR : a + m0 * g->lda;
-      job->ukr(mr, g->K, at, g->a_prepacked ? 0 : g->lda, panel, c + m0 * g->ldc, g->ldc, nv,
-               bias && g->epi.bias_mode == AK_BIAS_COL ? bias + n0 : NULL,
-               bias && g->epi.bias_mode == AK_BIAS_ROW ? bias + m0 : NULL,
-               res ? res + m0 * g->ldr : NULL, g->ldr, &g->epi);
+    /* K blocks (tuned): the panel's kc x NR slice stays in L1 while every row tile of the chunk
+     * runs over it; the partial sums go through C exactly (same fp32 sums, same order) */
+    const int64_t kc = g->tune.kc > 0 && g->tune.kc < g->K ? g->tune.kc : g->K;
+    for (int64_t k0 = 0; k0 < g->K; k0 += kc) {
+      const int64_t kb = g->K - k0 < kc ? g->K - k0 : kc;
+      ak_epilogue epi = g->epi;
+      epi.accumulate = k0 > 0;
+      epi.raw = k0 + kb < g->K;
+      for (int64_t m0 = m_begin; m0 < m_end; m0 += AK_MR) {
+        const int mr = (int)(m_end - m0 < AK_MR ? m_end - m0 : AK_MR);
+        const float* at = g->a_prepacked ? a + (m0 / AK_MR) * g->K * AK_MR + k0 * AK_MR
+                                         : a + m0 * g->lda + k0;
+        job->ukr(mr, kb, at, g->a_prepacked ? 0 : g->lda, panel + k0 * AK_NR, c + m0 * g->ldc,
+                 g->ldc, nv, bias && g->epi.bias_mode == AK_BIAS_COL ? bias + n0 : NULL,
+                 bias && g->epi.bias_mode == AK_BIAS_ROW ? bias + m0 : NULL,
+                 res ? res + m0 * g->ldr : NULL, g->ldr, &epi);
+      }
     }
   }
 }

@@ -31,6 +31,9 @@ static void ukr_portable(int mr, int64_t K, const float* a, int64_t lda, const f
                          const ak_epilogue* epi) {
   float acc[AK_MR][AK_NR];
   memset(acc, 0, sizeof(acc));
+  if (epi->accumulate)
+    for (int i = 0; i < mr; ++i)
+      for (int j = 0; j < nv; ++j) acc[i][j] = c[i * ldc + j];
   for (int64_t k = 0; k < K; ++k) {
     const float* b = bp + k * AK_NR;
     for (int i = 0; i < mr; ++i) {
@@ -41,6 +44,10 @@ static void ukr_portable(int mr, int64_t K, const float* a, int64_t lda, const f
   for (int i = 0; i < mr; ++i) {
     const float* r = res ? res + i * ldr : NULL;
     for (int j = 0; j < nv; ++j) {
+      if (epi->raw) {
+        c[i * ldc + j] = acc[i][j];
+        continue;
+      }
       const float bias = bias_col ? bias_col[j] : (bias_row ? bias_row[i] : 0.f);
       c[i * ldc + j] = epi1(acc[i][j], bias, r, j, epi);
     }
