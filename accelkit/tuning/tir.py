@@ -236,8 +236,7 @@ def search_round(task: TirTask, measurer: Measurer, db, measured: dict[str, dict
 
 
 def ms_workload(db, task: TirTask):
-    if db.has_workload(task.mod):
-        return db.commit_workload(task.mod)  # returns the stored one
+    """The database's workload entry for the task (commit_workload returns a stored one as is)."""
     return db.commit_workload(task.mod)
 
 
@@ -307,6 +306,6 @@ def verify(measurer: Measurer, reference_mod, candidate_mod, timeout: float = 60
         except Exception as exc:  # noqa: BLE001 - a crash or a timeout in the worker
             return f"the check run failed: {_first_line(str(exc)) or type(exc).__name__}"
         finally:
-            del pool
+            pool.shutdown()
     finally:
         measurer.cleanup(built)
