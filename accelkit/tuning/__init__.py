@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -112,7 +111,7 @@ class Applied:
         if not self.kernels:
             return mod
         table = self.kernels
-        done = applied.setdefault("kernels", [])
+        sites: dict[str, int] = {}  # tuned task -> call sites configured
 
         @relax.expr_functor.mutator
         class _Configure(relax.PyExprMutator):
@@ -130,21 +129,25 @@ class Applied:
                 entry = table.get(key)
                 if entry is None:
                     return call
-                done.append(f"{entry['name']}: {ktune.describe_config(entry['config'])} "
-                            f"({entry['default_s'] / entry['tuned_s']:.2f}x)")
+                sites[key] = sites.get(key, 0) + 1
                 return ktune.with_config(call, entry["config"])
 
-        out = mod.clone() if hasattr(mod, "clone") else mod
+        out = mod.clone()
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 out[gvar] = _Configure().visit_expr(func)
+        # one line per tuned task (as the decisions count them), with its call sites
+        applied.setdefault("kernels", []).extend(
+            f"{table[key]['name']}: {ktune.describe_config(table[key]['config'])} "
+            f"({table[key]['default_s'] / table[key]['tuned_s']:.2f}x)" + (f" x{n} calls" if n > 1 else "")
+            for key, n in sites.items())
         return out
 
     def apply_schedules(self, applied: dict[str, Any]):
         import tvm
         from tvm import tirx
 
-        from accelkit.schedules import SCHEDULED_ATTR, is_scheduled
+        from accelkit.schedules import is_scheduled
         from accelkit.tuning import tir as ttune
 
         table = self.tir
@@ -157,23 +160,24 @@ class Applied:
                 return mod
             updates = {}
             ms_db = None
+            found: dict[str, Any] = {}  # workload -> its tuned PrimFunc (None: trace not found)
             for gvar, func in mod.functions_items():
                 if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
                     continue
-                entry = table.get(ttune.workload_key(func))
+                key = ttune.workload_key(func)
+                entry = table.get(key)
                 if entry is None:
                     continue
-                ms_db = ms_db or db.ms_database()
-                task_mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-                for record in ttune.best_records(ms_db, ttune.TirTask(gvar.name_hint, "", task_mod), k=16):
-                    scheduled = ttune.apply_record(task_mod, record)
-                    if scheduled is not None and ttune.candidate_key(scheduled) == entry["candidate"]:
-                        new = scheduled["main"].with_attr(SCHEDULED_ATTR, True)
-                        if func.attrs is not None and "global_symbol" not in func.attrs:
-                            new = new.without_attr("global_symbol")
-                        updates[gvar] = new
+                if key not in found:  # the search once per workload, however many copies
+                    ms_db = ms_db or db.ms_database()
+                    found[key] = _tuned_func(ms_db, gvar.name_hint, func, entry["candidate"])
+                    if found[key] is not None:
                         done.append(f"{gvar.name_hint}: {entry['default_s'] / entry['tuned_s']:.2f}x")
-                        break
+                if found[key] is not None:
+                    new = found[key]
+                    if func.attrs is not None and "global_symbol" not in func.attrs:
+                        new = new.without_attr("global_symbol")
+                    updates[gvar] = new
             if updates:
                 mod = mod.clone()
                 for gvar, func in updates.items():
@@ -181,6 +185,21 @@ class Applied:
             return mod
 
         return _pass
+
+
+def _tuned_func(ms_db, name: str, func, candidate: str):
+    """`func` scheduled by the stored trace whose result is `candidate` (None if none is)."""
+    import tvm
+
+    from accelkit.schedules import SCHEDULED_ATTR
+    from accelkit.tuning import tir as ttune
+
+    task_mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    for record in ttune.best_records(ms_db, ttune.TirTask(name, "", task_mod), k=16):
+        scheduled = ttune.apply_record(task_mod, record)
+        if scheduled is not None and ttune.candidate_key(scheduled) == candidate:
+            return scheduled["main"].with_attr(SCHEDULED_ATTR, True)
+    return None
 
 
 def applied_tuning(be, target) -> Applied | None:
@@ -349,8 +368,9 @@ def _tune_kernels(be, target, db, tasks, decisions, options, report, progress, d
         progress.update("kernels", task.name, n, len(tasks), report.trials, saved[0] * 1e3)
         done = measured.get(task.key, {})
         row = {"name": task.name, "count": task.count, "kind": "kernel"}
-        configs = [c for c in task.configs(pool) if c not in done]
-        report.skipped += len(task.configs(pool)) - len(configs)
+        space = task.configs(pool)
+        configs = [c for c in space if c not in done]
+        report.skipped += len(space) - len(configs)
         if configs and time.monotonic() < deadline:
             new, wrong = ktune.tune_task(task, target, pool, measure, done)
             for config in wrong:
@@ -492,7 +512,8 @@ def _decide(task, entry, measurer, ms_db, target, report):
         candidate = ttune.apply_record(task.mod, record)
         if candidate is None:
             continue
-        reference = reference or ttune.default_scheduled(task, target)
+        if reference is None:
+            reference = ttune.default_scheduled(task, target)
         problem = ttune.verify(measurer, reference, candidate)
         if problem is not None:
             report.dropped.append(f"{task.name} candidate {ttune.candidate_key(candidate)[:8]}: {problem}")

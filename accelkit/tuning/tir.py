@@ -204,8 +204,8 @@ def search_round(task: TirTask, measurer: Measurer, db, measured: dict[str, dict
         return [], 0
     known = measured.setdefault(task.workload, {})
     keys = [candidate_key(c.sch.mod) for c in candidates]
-    fresh = [i for i, k in enumerate(keys) if k not in known]
-    fresh = [i for n, i in enumerate(fresh) if keys[i] not in {keys[j] for j in fresh[:n]}]
+    first = {k: i for i, k in reversed(list(enumerate(keys)))}  # one of each, not yet measured
+    fresh = sorted(i for k, i in first.items() if k not in known)
     built = measurer.build([candidates[i].sch.mod for i in fresh])
     try:
         timed = measurer.run(built, [candidates[i].args_info for i in fresh])
