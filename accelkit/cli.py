@@ -104,6 +104,9 @@ def _compile_args(p):
     p.add_argument("--precision", default="fp32", help="fp32 (fp16, bf16, int8 to come)")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
                    help="size for an input with symbolic dims, e.g. input_ids=1,128 (repeatable)")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="a backend option, e.g. layout=nchw for cpu (repeatable; `accelkit backends` "
+                        "lists them)")
 
 
 def _input_shapes(items):
@@ -122,11 +125,23 @@ def _input_shapes(items):
     return shapes or None
 
 
+def _backend_options(items) -> dict[str, str]:
+    from accelkit.errors import OptionError
+
+    options = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise OptionError(f"--option {item!r}: expected NAME=VALUE, e.g. layout=nchw")
+        options[name] = value
+    return options
+
+
 def _compile(args):
     import accelkit
 
     return accelkit.compile(args.model, backend=args.backend, precision=args.precision,
-                            input_shapes=_input_shapes(args.input_shape))
+                            input_shapes=_input_shapes(args.input_shape), **_backend_options(args.option))
 
 
 def _fmt_specs(specs):
@@ -252,7 +267,8 @@ def cmd_profile(args):
 
     record = profile.profile(args.model, backend=args.backend, precision=args.precision,
                              input_shapes=_input_shapes(args.input_shape),
-                             feeds=_given_feeds(args), runs=args.runs, warmup=args.warmup)
+                             feeds=_given_feeds(args), runs=args.runs, warmup=args.warmup,
+                             options=_backend_options(args.option))
     print(profile.format_record(record, top=args.top))
     if args.trace:
         profile.write_trace(record, args.trace)
@@ -374,6 +390,9 @@ def cmd_backends(args):
         except AccelkitError as exc:
             state, desc, where = "broken", str(exc), ""
         print(f"{name:12s} {state:12s} {desc}" + (f"  [{where}]" if where else ""))
+        if state != "broken":
+            for option, help_text in sorted(be.options.items()):
+                print(f"{'':12s} --option {option}=...: {help_text}")
 
 
 def _size(n: float) -> str:

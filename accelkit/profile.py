@@ -44,7 +44,7 @@ def _shape_key(args) -> str:
 
 
 def profile(model, *, backend: str = "cpu", precision: str = "fp32", input_shapes=None, feeds: Mapping[str, Any] | None = None,
-            runs: int = 10, warmup: int = 3) -> dict[str, Any]:
+            runs: int = 10, warmup: int = 3, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Compile `model` (an ONNX path, bytes or ModelProto) for profiling and time every VM call
     over `runs` runs. Returns the record `accelkit profile --json` writes: per-function rows
     (sorted, slowest first), the share of each category, and one run's trace events."""
@@ -65,8 +65,12 @@ def profile(model, *, backend: str = "cpu", precision: str = "fp32", input_shape
         raise OptionError(f"backend '{backend}' does not support precision {precision!r}; "
                           f"it supports {', '.join(be.precisions)}")
     start = time.perf_counter()
-    options = CompileOptions(precision=precision, exec_mode="bytecode")
-    compiled = _build(model, input_shapes, be, options, status="off")
+    unknown = sorted(set(options or {}) - set(be.options))
+    if unknown:
+        raise OptionError(f"unknown option(s) {', '.join(unknown)} for backend '{backend}'; its options "
+                          f"are: {', '.join(sorted(be.options)) or 'none'}")
+    compile_options = CompileOptions(precision=precision, exec_mode="bytecode", extra=dict(options or {}))
+    compiled = _build(model, input_shapes, be, compile_options, status="off")
     compile_s = time.perf_counter() - start
     vm = getattr(compiled._runner, "vm", None)
     if vm is None:

@@ -208,9 +208,9 @@ def test_profile_accounts_for_every_call(conv_profile, conv_path):
     kernels = {r["name"]: r for r in rows if r["category"] == "kernel"}
     # the conv and the Gemm run in accelkit's kernels, once each per run; the pool and the
     # reduction are TVM-generated
-    assert set(kernels) == {"accelkit.cpu.conv2d", "accelkit.cpu.dense"}
+    assert set(kernels) == {"accelkit.cpu.conv2d_nhwc", "accelkit.cpu.dense"}
     assert all(r["calls_per_run"] == 1 for r in kernels.values())
-    assert kernels["accelkit.cpu.conv2d"]["shapes"].startswith("[2,3,12,12]")
+    assert kernels["accelkit.cpu.conv2d_nhwc"]["shapes"].startswith("[2,12,12,3]")  # channels last
     compiled = accelkit.compile(conv_path)
     assert sum(compiled.manifest["offloaded"].values()) == sum(r["calls_per_run"] for r in kernels.values())
     assert any(r["category"] == "generated" for r in rows)
@@ -276,3 +276,24 @@ def test_benchmark_comparison_plot(tmp_path):
     assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="no same-run ratios"):
         plot.ratios({"benchmarks": []})
+
+
+def test_backend_options_on_the_command_line(conv_path, tmp_path):
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "accelkit", *args], capture_output=True, text=True,
+                              timeout=300)
+
+    nchw = cli("compile", conv_path, "--option", "layout=nchw", "-o", str(tmp_path / "a.akx"))
+    assert nchw.returncode == 0, nchw.stderr
+    assert "cpu.conv2d_bias" in nchw.stdout and "conv2d_nhwc" not in nchw.stdout
+    nhwc = cli("compile", conv_path, "-o", str(tmp_path / "b.akx"))
+    assert nhwc.returncode == 0 and "cpu.conv2d_nhwc" in nhwc.stdout, nhwc.stdout + nhwc.stderr
+    bad = cli("compile", conv_path, "--option", "layout")
+    assert bad.returncode != 0 and "expected NAME=VALUE" in bad.stderr, bad.stderr
+    unknown = cli("profile", conv_path, "--option", "tiles=4", "--runs", "1")
+    assert unknown.returncode != 0 and "unknown option(s) tiles" in unknown.stderr, unknown.stderr
+    listed = cli("backends")
+    assert "--option layout=" in listed.stdout

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from accelkit.backends.cpu import ACT_CODES, pack_conv_weight, pack_weight
+from accelkit.backends.cpu import ACT_CODES, depthwise_weight_nhwc, pack_conv_weight, pack_conv_weight_nhwc, pack_weight
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
@@ -171,6 +171,72 @@ def test_conv2d(k, isa, case, act, res, packed):
     close(out.numpy(), want)
 
 
+NHWC_CONVS = CONVS + [  # channel counts around the 16-lane vectors and 64-channel chunks
+    (1, 6, 5, 5, 4, 3, (1, 1), (1, 1, 1, 1), (1, 1), 2),        # grouped, not depthwise
+    (1, 64, 14, 14, 70, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),    # a partial last panel
+    (1, 100, 9, 9, 100, 3, (1, 1), (1, 1, 1, 1), (1, 1), 100),  # depthwise 64 + 36 channels
+    (1, 60, 6, 7, 60, 3, (1, 1), (1, 1, 1, 1), (1, 1), 60),     # depthwise, 4 vectors, last partial
+    (2, 64, 6, 7, 64, 3, (2, 1), (1, 0, 1, 1), (1, 1), 64),     # depthwise, whole vectors, batch 2
+    (1, 48, 7, 9, 48, 3, (1, 1), (2, 2, 2, 2), (2, 2), 48),     # depthwise, dilated: no 3-tap fast path
+    (1, 3, 30, 31, 32, 3, (2, 2), (0, 0, 1, 1), (1, 1), 1),     # the MobileNetV2 stem (short runs)
+    (1, 160, 5, 5, 40, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # K = 1440: K-blocked by default
+]
+
+
+@pytest.mark.parametrize("case", NHWC_CONVS, ids=lambda c: "x".join(map(str, c[:6])) + f"g{c[-1]}")
+@pytest.mark.parametrize("act,res", [(None, 0), ("clip", 0), ("relu", 1), ("silu", 2)])
+def test_conv2d_nhwc(k, isa, case, act, res):
+    """The channels-last kernel against the NCHW reference, transposed: the GEMM path (packed
+    weights, in-place A for 1x1 or gathered rows) and the depthwise path (weights [KH, KW, C])."""
+    n, c, h, wd, cout, ks, stride, pads, dil, groups = case
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((n, c, h, wd)).astype(np.float32)
+    w = rng.standard_normal((cout, c // groups, ks, ks)).astype(np.float32) * 0.3
+    b = rng.standard_normal(cout).astype(np.float32)
+    want = conv_ref(x.astype(np.float64), w.astype(np.float64), b, stride, pads, dil, groups)
+    r = rng.standard_normal(want.shape).astype(np.float32)
+    depthwise = groups == c == cout and groups > 1
+    weight = depthwise_weight_nhwc(w) if depthwise else pack_conv_weight_nhwc(w, groups)
+    out = t(np.zeros(want.transpose(0, 2, 3, 1).shape, np.float32))
+    k("conv2d_nhwc")(t(x.transpose(0, 2, 3, 1)), t(weight), t(b),
+                     t(r.transpose(0, 2, 3, 1)) if res else none(), groups, *stride, pads[0], pads[1],
+                     *dil, ACT_CODES[act], res, 0.0, 6.0, 1.0, out)
+    if res == 1:
+        want = want + r
+    want = ACTS[act](want)
+    if res == 2:
+        want = want + r
+    close(out.numpy(), want.transpose(0, 2, 3, 1))
+
+
+def test_conv2d_nhwc_refuses_bad_arguments(k):
+    import tvm_ffi
+
+    conv = k("conv2d_nhwc")
+    x = t(np.ones((1, 5, 5, 4), np.float32))
+    out = t(np.zeros((1, 5, 5, 6), np.float32))
+    packed = t(pack_conv_weight_nhwc(np.ones((6, 2, 3, 3), np.float32), 2))
+    conv(x, packed, none(), none(), 2, 1, 1, 1, 1, 1, 1, 0, 0, 0.0, 0.0, 1.0, out)
+    assert np.allclose(out.numpy()[0, 2, 2], 18.0)  # 2 channels x 9 taps of ones
+    with pytest.raises(ValueError, match="do not split into 3 groups"):
+        conv(x, packed, none(), none(), 3, 1, 1, 1, 1, 1, 1, 0, 0, 0.0, 0.0, 1.0, out)
+    with pytest.raises(ValueError, match=r"packed w must be \[1, 1, KH, KW, 4, 32\]"):
+        conv(x, packed, none(), none(), 1, 1, 1, 1, 1, 1, 1, 0, 0, 0.0, 0.0, 1.0, out)
+    with pytest.raises(ValueError, match="a rank-3 w .* is the depthwise form"):
+        conv(x, t(np.ones((3, 3, 4), np.float32)), none(), none(), 2, 1, 1, 1, 1, 1, 1, 0, 0, 0.0, 0.0, 1.0, out)
+    with pytest.raises(ValueError, match="not rank 4"):
+        conv(x, t(np.ones((6, 2, 3, 3), np.float32)), none(), none(), 2, 1, 1, 1, 1, 1, 1, 0, 0, 0.0, 0.0, 1.0, out)
+    with pytest.raises(ValueError, match="bias must have 6 elements"):
+        conv(x, packed, t(np.ones(4, np.float32)), none(), 2, 1, 1, 1, 1, 1, 1, 0, 0, 0.0, 0.0, 1.0, out)
+    with pytest.raises(ValueError, match="res must have the shape of out"):
+        conv(x, packed, none(), t(np.ones((1, 5, 5, 4), np.float32)), 2, 1, 1, 1, 1, 1, 1, 0, 1, 0.0, 0.0, 1.0, out)
+    # packed panels are read with aligned vector loads: a misaligned buffer is refused, not read
+    flat = np.zeros(packed.numpy().size + 16, np.float32)
+    view = flat[1:1 + packed.numpy().size].reshape(packed.shape)
+    with pytest.raises(ValueError, match="must be 64-byte aligned"):
+        conv(x, tvm_ffi.from_dlpack(view), none(), none(), 2, 1, 1, 1, 1, 1, 1, 0, 0, 0.0, 0.0, 1.0, out)
+
+
 def test_layer_norm_and_softmax(k, isa):
     rng = np.random.default_rng(4)
     x = (rng.standard_normal((3, 5, 70)) * 4 + 2).astype(np.float32)
@@ -282,6 +348,19 @@ def test_bmm_and_conv_same_result_under_every_tuning_config(k, isa):
                     0.0, 0.0, 1.0, config, out)
         ref = out.numpy() if ref is None else (np.testing.assert_array_equal(out.numpy(), ref) or ref)
     close(ref, conv_ref(x, w, bias, (1, 1), (1, 1, 1, 1), (1, 1), 1), tol=1e-5)
+    from accelkit.tuning.kernels import pack_config
+
+    # channels last, K = 144 * 9 = 1296: K blocks of 64..1024 and the default one
+    x = rng.standard_normal((2, 6, 7, 144)).astype(np.float32)
+    w = (rng.standard_normal((40, 144, 3, 3)) * 0.1).astype(np.float32)
+    ref = None
+    for config in _configs("conv2d_nhwc") + [pack_config(threads=2, grain=4, kc=kc) for kc in (64, 256, 1024)]:
+        out = t(np.zeros((2, 6, 7, 40), np.float32))
+        k("conv2d_nhwc")(t(x), t(pack_conv_weight_nhwc(w, 1)), t(bias), none(), 1, 1, 1, 1, 1, 1, 1, 0, 0,
+                         0.0, 0.0, 1.0, config, out)
+        ref = out.numpy() if ref is None else (np.testing.assert_array_equal(out.numpy(), ref) or ref)
+    close(ref.transpose(0, 3, 1, 2), conv_ref(x.transpose(0, 3, 1, 2), w, bias, (1, 1), (1, 1, 1, 1), (1, 1), 1),
+          tol=1e-5)
 
 
 @pytest.mark.parametrize("threads", [0, 1, 2])

@@ -21,8 +21,8 @@ def const(name, array):
     return numpy_helper.from_array(np.asarray(array, np.float32), name)
 
 
-def check(proto, expected: dict[str, int], tol=1e-5):
-    model = accelkit.compile(proto, cache=False)
+def check(proto, expected: dict[str, int], tol=1e-5, **options):
+    model = accelkit.compile(proto, cache=False, **options)
     rng = np.random.default_rng(0)
     feeds = {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in model.inputs}
     want = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
@@ -94,7 +94,10 @@ def test_mobilenet_block_pad_conv_relu6_depthwise_and_residual():
              numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 2, 2], np.int64), "pads")]
     proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 8, 10, 10])],
                        [helper.make_tensor_value_info("y", F, [1, 8, 10, 10])], inits)
-    check(proto, {"cpu.conv2d_bias_clip": 2, "cpu.conv2d_bias_add": 1})
+    # channels last (the default): the clips cross the layout change and stay fused; the
+    # residual add of the graph's own NCHW input and output stays NCHW after the last transpose
+    check(proto, {"cpu.conv2d_nhwc_bias_clip": 2, "cpu.conv2d_nhwc_bias": 1})
+    check(proto, {"cpu.conv2d_bias_clip": 2, "cpu.conv2d_bias_add": 1}, layout="nchw")
     from accelkit import frontend
 
     prepared = frontend.prepare(proto).proto.graph.node
@@ -173,7 +176,7 @@ def test_saved_artifact_with_every_kernel_runs_in_a_fresh_process(tmp_path):
              numpy_helper.from_array(np.array([1, 8, 36], np.int64), "shape")]
     proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 3, 6, 6])],
                        [helper.make_tensor_value_info("y", F, [1, 8, 16])], inits)
-    model = check(proto, {"cpu.conv2d_bias_relu": 1, "cpu.conv2d_bias": 1, "cpu.dense": 1,
+    model = check(proto, {"cpu.conv2d_nhwc_bias_relu": 1, "cpu.conv2d_nhwc_bias": 1, "cpu.dense": 1,
                           "cpu.bmm": 2, "cpu.softmax": 1, "cpu.layer_norm": 1})
     feeds = {"x": rng.standard_normal((1, 3, 6, 6)).astype(np.float32)}
     want = model.run(feeds)[0]
@@ -228,3 +231,62 @@ def test_build_that_calls_a_kernel_this_accelkit_lacks_is_refused_clearly(tmp_pa
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("miss") and "accelkit.cpu.gone" in done.stdout
+
+
+def _ops(mod) -> dict[str, int]:
+    from collections import Counter
+
+    from tvm import relax
+
+    ops: Counter = Counter()
+    relax.analysis.post_order_visit(
+        mod["main"], lambda e: isinstance(e, relax.Call) and hasattr(e.op, "name") and ops.update([e.op.name]))
+    return dict(ops)
+
+
+def test_channels_last_keeps_transposes_at_the_edges_only():
+    """A ResNet-style stage with relu6, max pooling, a residual add and a classifier: after the
+    layout change every conv is NHWC and the only transposes are the image's and the one before
+    the flatten; the compiled model matches onnxruntime in both layouts."""
+    from accelkit import frontend
+    from accelkit.backends.cpu import to_channels_last
+
+    rng = np.random.default_rng(11)
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "b1"], ["c1"], pads=[3, 3, 3, 3], strides=[2, 2]),
+        helper.make_node("Clip", ["c1", "zero", "six"], ["r1"]),
+        helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["p1", "W2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "W3", "b3"], ["c3"]),
+        helper.make_node("Add", ["c3", "p1"], ["s"]),
+        helper.make_node("Relu", ["s"], ["r3"]),
+        helper.make_node("GlobalAveragePool", ["r3"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "Wf", "bf"], ["y"], transB=1),
+    ]
+    inits = [const("W1", rng.standard_normal((16, 3, 7, 7)) * 0.1), const("b1", rng.standard_normal(16)),
+             const("W2", rng.standard_normal((16, 16, 3, 3)) * 0.1), const("b2", rng.standard_normal(16)),
+             const("W3", rng.standard_normal((16, 16, 1, 1)) * 0.1), const("b3", rng.standard_normal(16)),
+             const("Wf", rng.standard_normal((5, 16))), const("bf", rng.standard_normal(5)),
+             const("zero", 0.0), const("six", 6.0)]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [2, 3, 32, 32])],
+                       [helper.make_tensor_value_info("y", F, [2, 5])], inits)
+    mod = frontend.to_relax(frontend.prepare(proto))
+    assert _ops(mod).get("relax.permute_dims", 0) == 0
+    nhwc = to_channels_last(mod)
+    ops = _ops(nhwc)
+    assert ops["relax.permute_dims"] == 2 and ops["relax.clip"] == 1, ops
+    assert "relax.maximum" not in ops and "relax.minimum" not in ops  # the clip came back
+    check(proto, {"cpu.conv2d_nhwc_bias_clip": 1, "cpu.conv2d_nhwc_bias_relu": 1,
+                  "cpu.conv2d_nhwc_bias_add_pre_relu": 1, "cpu.dense_bias": 1})
+    check(proto, {"cpu.conv2d_bias_clip": 1, "cpu.conv2d_bias_relu": 1,
+                  "cpu.conv2d_bias_add_pre_relu": 1, "cpu.dense_bias": 1}, layout="nchw")
+
+
+def test_unknown_layout_option_is_refused_with_the_choices():
+    nodes = [helper.make_node("Relu", ["x"], ["y"])]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 4])],
+                       [helper.make_tensor_value_info("y", F, [1, 4])], [])
+    with pytest.raises(accelkit.OptionError, match="layout='nchwc' .* choose 'nhwc' or 'nchw'"):
+        accelkit.compile(proto, cache=False, layout="nchwc")

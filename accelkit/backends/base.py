@@ -148,6 +148,10 @@ class TVMBackend(Backend):
         """Subgraphs this backend runs in its own kernels (tried in order)."""
         return []
 
+    def prepare(self, mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
+        """Graph rewrites before the patterns are matched (e.g. a layout change); none here."""
+        return mod
+
     def load_kernels(self) -> None:
         """Register this backend's kernels (TVM-FFI global functions) in the current process."""
 
@@ -194,7 +198,7 @@ class TVMBackend(Backend):
         from accelkit.partition import offload
 
         target = self.target(options)
-        mod = clip_take_indices(frontend.to_relax(graph))
+        mod = self.prepare(clip_take_indices(frontend.to_relax(graph)), options)
         mod, offloaded = offload(mod, self.patterns())
         return target, mod, offloaded
 

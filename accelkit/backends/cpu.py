@@ -4,8 +4,10 @@ to accelkit's C kernels (accelkit._kernels, one TVM-FFI call each, no Python in 
 - dense: matmul(x[..., K], W) with a constant W (packed into panels at compile time), fused with
   its bias, a residual add before or after the activation, and the activation (relu, clip/relu6,
   gelu in erf or tanh form, silu, sigmoid);
-- conv2d: NCHW/OIHW, any stride/padding/dilation, groups (depthwise has its own kernel), fused
-  with bias, residual and activation the same way;
+- conv2d: the model's NCHW convolutions are turned channels-last (NHWC, `layout` option) and
+  run as a GEMM over output pixels x output channels; any stride/padding/dilation, groups
+  (depthwise has its own kernel, vectorised over channels), fused with bias, residual and
+  activation the same way. With layout="nchw", an NCHW/OIHW kernel does the same;
 - bmm: batched matmul of two activations (attention), with a scalar scale folded in;
 - layer_norm over the last axis; softmax over the last axis.
 
@@ -53,6 +55,24 @@ def pack_conv_weight(w: np.ndarray, groups: int) -> np.ndarray:
     padded = np.zeros((groups, tiles * MR, cg, kh, kw), np.float32)
     padded[:, :per] = w.reshape(groups, per, cg, kh, kw)
     return np.ascontiguousarray(padded.reshape(groups, tiles, MR, cg, kh, kw).transpose(0, 1, 3, 4, 5, 2))
+
+
+def pack_conv_weight_nhwc(w: np.ndarray, groups: int) -> np.ndarray:
+    """OIHW [Cout, C/g, KH, KW] -> [g, ceil(Cout/g/NR), KH, KW, C/g, NR] (zero padded): per group
+    the GEMM's B[K = (ky, kx, c), Cout/g] in NR-column panels, K ordered like the NHWC conv's
+    gathered rows (each tap's C channels contiguous)."""
+    cout, cg, kh, kw = w.shape
+    per = cout // groups
+    panels = -(-per // NR)
+    padded = np.zeros((groups, panels * NR, cg, kh, kw), np.float32)
+    padded[:, :per] = w.reshape(groups, per, cg, kh, kw)
+    # [g, P, NR, cg, kh, kw] -> [g, P, kh, kw, cg, NR]
+    return np.ascontiguousarray(padded.reshape(groups, panels, NR, cg, kh, kw).transpose(0, 1, 4, 5, 3, 2))
+
+
+def depthwise_weight_nhwc(w: np.ndarray) -> np.ndarray:
+    """Depthwise OIHW [C, 1, KH, KW] -> [KH, KW, C]: one channel vector per tap."""
+    return np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
 
 
 # ---- pattern pieces --------------------------------------------------------------------------
@@ -264,6 +284,93 @@ def _conv2d_args(x, w, conv):
     return [x, relax.const(weight)], (groups, stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1])
 
 
+def _conv2d_nhwc_args(x, w, conv):
+    from tvm import relax
+
+    attrs = conv.attrs
+    xs, ws, out = _f32(x, (4,)), _f32(w, (4,)), _f32(conv, (4,))
+    if xs is None or ws is None or out is None:
+        return None
+    if (attrs.data_layout != "NHWC" or attrs.kernel_layout != "OIHW"
+            or attrs.out_layout not in ("NHWC", "") or str(attrs.out_dtype) not in ("float32", "", "None", "void")):
+        return None
+    groups = int(attrs.groups)
+    stride = [int(v) for v in attrs.strides]
+    pad = [int(v) for v in attrs.padding]
+    dilation = [int(v) for v in attrs.dilation]
+    if len(pad) == 2:
+        pad = pad * 2
+    if len(stride) != 2 or len(dilation) != 2 or len(pad) != 4:
+        return None
+    weight = _const_value(w).astype(np.float32)
+    depthwise = groups > 1 and groups == xs[3] == out[3] and ws[1] == 1
+    weight = depthwise_weight_nhwc(weight) if depthwise else pack_conv_weight_nhwc(weight, groups)
+    return [x, relax.const(weight)], (groups, stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1])
+
+
+def conv2d_nhwc_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.conv2d_nhwc") -> list[KernelPattern]:
+    """conv2d(x NHWC, const W OIHW) with its epilogue -> the channels-last conv kernel (a GEMM over
+    output pixels x output channels, or the depthwise kernel vectorised over channels)."""
+    return _fused_patterns(prefix, "conv2d_nhwc", kernel, "relax.nn.conv2d", -1, _conv2d_nhwc_args)
+
+
+def to_channels_last(mod):
+    """Rewrite the NCHW convolutions of `mod` into NHWC ones, with the activations kept
+    channels-last between them: TVM's ConvertLayout carries the layout through elementwise ops,
+    pooling and reductions, so transposes remain only where the graph enters or leaves the
+    convolutional part (the input image, a flatten). relax.clip (relu6) has no layout rule in TVM
+    0.27 and would get a transpose on each side: it crosses as maximum/minimum and comes back."""
+    from tvm import relax
+    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+    has_nchw_conv = [False]
+
+    def visit(expr):
+        if (isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.nn.conv2d"
+                and expr.attrs.data_layout == "NCHW"):
+            has_nchw_conv[0] = True
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    if not has_nchw_conv[0]:
+        return mod
+
+    x, lo, hi = wildcard(), wildcard(), wildcard()
+    clip = is_op("relax.clip")(x, lo, hi)
+
+    def clip_to_minmax(expr, matches):
+        dtype, _ = tensor_type(matches[x])
+        bounds = []
+        for v in (lo, hi):  # a FloatImm, or a PrimValue holding one
+            b = getattr(matches[v], "value", None)
+            bounds.append(getattr(b, "value", b))
+        if str(dtype) not in ("float32", "float16") or not all(isinstance(b, (int, float)) for b in bounds):
+            return expr
+        low, high = (relax.const(float(b), str(dtype)) for b in bounds)
+        return relax.op.minimum(relax.op.maximum(matches[x], low), high)
+
+    y, c_lo, c_hi = wildcard(), is_const(), is_const()
+    minmax = is_op("relax.minimum")(is_op("relax.maximum")(y, c_lo), c_hi)
+
+    def minmax_to_clip(expr, matches):
+        bounds = [_const_value(matches[c]) for c in (c_lo, c_hi)]
+        if any(b is None or b.ndim != 0 for b in bounds):
+            return expr
+        return relax.op.clip(matches[y], float(bounds[0]), float(bounds[1]))
+
+    def each_function(mod, pattern, rewriter):
+        for gvar, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                mod[gvar] = rewrite_call(pattern, rewriter, func)
+        return mod
+
+    mod = each_function(mod, clip, clip_to_minmax)
+    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OIHW"]})(mod)
+    mod = relax.transform.FoldConstant()(mod)
+    return each_function(mod, minmax, minmax_to_clip)
+
+
 def dense_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.dense") -> list[KernelPattern]:
     """matmul(x[..., K], const W[K, N]) with its epilogue -> the packed dense kernel."""
     return _fused_patterns(prefix, "dense", kernel, "relax.matmul", -1, _dense_args)
@@ -370,15 +477,30 @@ def kernels_digest() -> str:
     return digest.hexdigest()[:16]
 
 
+LAYOUTS = ("nhwc", "nchw")
+
+
 class CPUBackend(TVMBackend):
     name = "cpu"
     description = "host CPU: TVM llvm codegen + accelkit fused C kernels"
+    options = {"layout": "activation layout of convolutional models: 'nhwc' (default: channels "
+                         "last between convolutions) or 'nchw' (the model's own)"}
 
     def target(self, options: CompileOptions):
         return host_target()
 
     def patterns(self):
-        return conv2d_patterns() + dense_patterns() + bmm_patterns() + norm_patterns()
+        return (conv2d_nhwc_patterns() + conv2d_patterns() + dense_patterns() + bmm_patterns()
+                + norm_patterns())
+
+    def prepare(self, mod, options: CompileOptions):
+        layout = options.extra.get("layout", "nhwc")
+        if layout not in LAYOUTS:
+            from accelkit.errors import OptionError
+
+            raise OptionError(f"layout={layout!r} is not a layout the cpu backend offers; choose "
+                              f"{' or '.join(repr(v) for v in LAYOUTS)}")
+        return to_channels_last(mod) if layout == "nhwc" else mod
 
     def load_kernels(self):
         from accelkit import kernels

@@ -15,8 +15,8 @@ import numpy as np
 
 # kernel -> argument count without the optional config (the config goes just before `out`)
 KERNELS = {"accelkit.cpu.dense": 10, "accelkit.cpu.bmm": 5, "accelkit.cpu.conv2d": 16,
-           "accelkit.cpu.layer_norm": 4, "accelkit.cpu.softmax": 1}
-GEMM_KERNELS = ("accelkit.cpu.dense", "accelkit.cpu.bmm", "accelkit.cpu.conv2d")
+           "accelkit.cpu.conv2d_nhwc": 16, "accelkit.cpu.layer_norm": 4, "accelkit.cpu.softmax": 1}
+GEMM_KERNELS = ("accelkit.cpu.dense", "accelkit.cpu.bmm", "accelkit.cpu.conv2d", "accelkit.cpu.conv2d_nhwc")
 MARGIN = 0.03  # a config must be this much faster than untuned to be kept (noise on 2 cores)
 
 
@@ -61,9 +61,15 @@ class KernelTask:
         if self.kernel in GEMM_KERNELS:
             dense = self.kernel == "accelkit.cpu.dense"
             conv = self.kernel == "accelkit.cpu.conv2d"
-            depthwise = conv and _is_depthwise(self.call)
+            nhwc = self.kernel == "accelkit.cpu.conv2d_nhwc"
+            depthwise = (conv and _is_depthwise(self.call)) or (nhwc and len(self.call.args[1].fields[1].ty.shape) == 3)
             if depthwise:
                 return out + [pack_config(threads=t) for t in thread_options]
+            if nhwc:  # the NHWC driver's knobs: threads, work items per thread, K block
+                blocks = (0, 256, 512, 1024) if _reduction_length(self) >= 1024 else (0,)
+                return list(dict.fromkeys(out + [pack_config(threads, grain, kc=kc) for threads in thread_options
+                                                 for grain in ((1,) if threads == 1 else (1, 2, 4, 8, 16))
+                                                 for kc in (blocks if grain in (1, 4) else (0,))]))
             k = _reduction_length(self)
             blocks = (0, 256, 512) if k >= 1024 else (0,)  # K blocks only pay for a long K
             for threads in thread_options:
@@ -88,6 +94,9 @@ def _reduction_length(task: "KernelTask") -> int:
     if task.kernel == "accelkit.cpu.conv2d":
         w = [int(d) for d in fields[1].ty.shape]
         return w[2] * w[3] * w[4] if len(w) == 6 else w[1] * w[2] * w[3]
+    if task.kernel == "accelkit.cpu.conv2d_nhwc":
+        w = [int(d) for d in fields[1].ty.shape]
+        return w[2] * w[3] * w[4] if len(w) == 6 else w[0] * w[1]
     return first[-1]
 
 

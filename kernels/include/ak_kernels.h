@@ -99,6 +99,22 @@ void ak_conv2d_f32(const float* x, const float* w, int w_packed, const float* bi
                    const float* res, float* out, int64_t n, int64_t groups,
                    const ak_conv_geom* g, int64_t cout, ak_epilogue epi, ak_tuning tune);
 
+/* out = epilogue(conv2d(x, w)) for n images in NHWC (channels last): a GEMM whose rows are
+ * output pixels and whose columns are output channels, so the packed weights are B and the
+ * epilogue's bias runs along the columns. A 1x1, stride-1, unpadded conv reads x in place as A
+ * (no copy); any other gathers each block of rows (KH*KW runs of C channels) into a scratch A.
+ * w is [groups][ceil(cout_g/NR)][KH][KW][C_g][NR] (weights HWI-ordered along K, ak_pack_b_f32
+ * per group); g->C is the channels per group. */
+void ak_conv2d_nhwc_f32(const float* x, const float* w, const float* bias, const float* res,
+                        float* out, int64_t n, int64_t groups, const ak_conv_geom* g,
+                        int64_t cout, ak_epilogue epi, ak_tuning tune);
+
+/* Depthwise conv in NHWC (groups == channels == Cout): w is [KH][KW][C], each output pixel a
+ * vector over channels. */
+void ak_depthwise_nhwc_f32(const float* x, const float* w, const float* bias, const float* res,
+                           float* out, int64_t n, int64_t channels, const ak_conv_geom* g,
+                           ak_epilogue epi, int threads);
+
 /* Depthwise conv (groups == channels == Cout, g->C == 1): direct, per channel. */
 void ak_depthwise_f32(const float* x, const float* w, const float* bias, const float* res,
                       float* out, int64_t n, int64_t channels, const ak_conv_geom* g,
@@ -148,6 +164,14 @@ void ak_im2col_portable(const ak_conv_geom* cg, const float* x, int64_t n0, int6
 /* The columns [n0, n0 + nv) of an im2col panel split into runs within one output row. */
 typedef struct { int64_t j, len, oy, ox; } ak_im2col_run;
 int ak_im2col_runs(const ak_conv_geom* cg, int64_t n0, int64_t nv, ak_im2col_run runs[AK_NR]);
+/* One output row (image x, row oy) of an NHWC depthwise conv over `channels`: out[ox][c] =
+ * epilogue(sum over taps inside the input of x[iy][ix][c] * w[ky][kx][c]) with bias[c]. */
+typedef void (*ak_dw_nhwc_row_fn)(const float* x, const float* w, const ak_conv_geom* g,
+                                  int64_t channels, int64_t oy, const float* bias,
+                                  const float* res, float* out, const ak_epilogue* epi);
+void ak_dw_nhwc_row_portable(const float* x, const float* w, const ak_conv_geom* g,
+                             int64_t channels, int64_t oy, const float* bias, const float* res,
+                             float* out, const ak_epilogue* epi);
 typedef struct {
   ak_ukr_fn ukr;
   ak_im2col_fn im2col;
@@ -155,6 +179,7 @@ typedef struct {
   ak_row_epi_fn row_epi;
   ak_rows_fn layer_norm_row;
   ak_rows_fn softmax_row; /* gamma/beta/eps unused */
+  ak_dw_nhwc_row_fn dw_nhwc_row;
 } ak_isa_table;
 extern const ak_isa_table ak_portable_table;
 extern const ak_isa_table ak_avx512_table;

@@ -309,5 +309,95 @@ static void im2col_avx512(const ak_conv_geom* cg, const float* x, int64_t n0, in
   }
 }
 
+/* NHWC depthwise: one output pixel, NV vectors of channels from c0 (the last one masked when
+ * MASKED), over the taps [ky0, ky1) x [kx0, kx1) that lie inside the input; the bias, residual
+ * and activation run on the accumulators before the one store. */
+AK_INLINE void dw_pixel(const int NV, const int MASKED, const int FULL3, __mmask16 last,
+                        const float* xrow,
+                        const float* wrow, int64_t C, int64_t rowstep, int64_t colstep,
+                        int64_t KW, int64_t ky0, int64_t ky1, int64_t kx0, int64_t kx1,
+                        const float* bias, const float* res, float* out,
+                        const ak_epilogue* epi) {
+  __m512 acc[4];
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j) acc[j] = _mm512_setzero_ps();
+  if (FULL3) { /* all three taps of a 3-wide window inside the input: unrolled */
+    kx0 = 0;
+    kx1 = 3;
+  }
+  for (int64_t ky = ky0; ky < ky1; ++ky) {
+    const float* xr = xrow + ky * rowstep;
+    const float* wr = wrow + ky * KW * C;
+#pragma GCC unroll 3
+    for (int64_t kx = kx0; kx < kx1; ++kx) {
+      const float* src = xr + kx * colstep;
+      const float* wt = wr + kx * C;
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) {
+        const int tail = MASKED && j == NV - 1;
+        const __m512 xv = tail ? _mm512_maskz_loadu_ps(last, src + 16 * j) : _mm512_loadu_ps(src + 16 * j);
+        const __m512 wv = tail ? _mm512_maskz_loadu_ps(last, wt + 16 * j) : _mm512_loadu_ps(wt + 16 * j);
+        acc[j] = _mm512_fmadd_ps(xv, wv, acc[j]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j) {
+    const __mmask16 m = MASKED && j == NV - 1 ? last : (__mmask16)0xFFFF;
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + 16 * j) : _mm512_setzero_ps();
+    _mm512_mask_storeu_ps(out + 16 * j, m, v_epi(acc[j], b, res ? res + 16 * j : NULL, m, epi));
+  }
+}
+
+static void dw_nhwc_row_avx512(const float* x, const float* w, const ak_conv_geom* g,
+                               int64_t channels, int64_t oy, const float* bias, const float* res,
+                               float* out, const ak_epilogue* epi) {
+  const int64_t C = channels, iy0 = oy * g->SH - g->PH;
+  int64_t ky0 = 0, ky1 = g->KH; /* the taps whose input row exists */
+  while (ky0 < ky1 && iy0 + ky0 * g->DH < 0) ++ky0;
+  while (ky1 > ky0 && iy0 + (ky1 - 1) * g->DH >= g->H) --ky1;
+  const int64_t rowstep = g->DH * g->W * C, colstep = g->DW * C;
+  for (int64_t ox = 0; ox < g->OW; ++ox) {
+    const int64_t ix0 = ox * g->SW - g->PW;
+    const int64_t kx0 = ix0 < 0 ? (-ix0 + g->DW - 1) / g->DW : 0;
+    int64_t kx1 = ix0 > g->W - 1 ? 0 : (g->W - 1 - ix0) / g->DW + 1;
+    if (kx1 > g->KW) kx1 = g->KW;
+    /* x at tap (0, 0) of this pixel, possibly outside the input: only taps inside are read */
+    const float* xrow = x + (iy0 * g->W + ix0) * C;
+    float* o = out + ox * C;
+    const float* r = res ? res + ox * C : NULL;
+    const int full3 = g->KW == 3 && kx0 == 0 && kx1 == 3;
+    for (int64_t c0 = 0; c0 < C; c0 += 64) {
+      const int64_t left = C - c0;
+      const int nv = left >= 64 ? 4 : (int)((left + 15) / 16);
+      const int masked = left < 64 && (left & 15) != 0;
+      const __mmask16 last = tail_mask(left - 16 * (nv - 1));
+#define AK_DW(n, mk, f3)                                                                    \
+  dw_pixel(n, mk, f3, last, xrow + c0, w + c0, C, rowstep, colstep, g->KW, ky0, ky1, kx0,   \
+           kx1, bias ? bias + c0 : NULL, r ? r + c0 : NULL, o + c0, epi)
+      if (full3 && !masked) {
+        switch (nv) {
+          case 4: AK_DW(4, 0, 1); break;
+          case 3: AK_DW(3, 0, 1); break;
+          case 2: AK_DW(2, 0, 1); break;
+          default: AK_DW(1, 0, 1); break;
+        }
+        continue;
+      }
+      switch (nv * 2 + masked) {
+        case 8: AK_DW(4, 0, 0); break;
+        case 9: AK_DW(4, 1, 0); break;
+        case 6: AK_DW(3, 0, 0); break;
+        case 7: AK_DW(3, 1, 0); break;
+        case 4: AK_DW(2, 0, 0); break;
+        case 5: AK_DW(2, 1, 0); break;
+        case 2: AK_DW(1, 0, 0); break;
+        default: AK_DW(1, 1, 0); break;
+      }
+#undef AK_DW
+    }
+  }
+}
+
 const ak_isa_table ak_avx512_table = {ukr_avx512, im2col_avx512, dw_plane_avx512, row_epi_avx512, layer_norm_row_avx512,
-                                      softmax_row_avx512};
+                                      softmax_row_avx512, dw_nhwc_row_avx512};

@@ -111,6 +111,14 @@ static int ak_float(const ak_call* c, int i, const char* what, float* out) {
 #define AK_TRY(e) do { if ((e) != 0) return -1; } while (0)
 #define AK_NEED(t) do { if ((t) == NULL) return -1; } while (0)
 
+/* Packed weight panels are read with aligned 64-byte vector loads. */
+static int ak_aligned(const ak_call* c, const DLTensor* t, const char* what) {
+  if (((uintptr_t)AK_DATA(t)) % 64 != 0)
+    return ak_fail(c, "ValueError", "%s must be 64-byte aligned (pass a tvm.runtime tensor, "
+                   "which is, not a view of another buffer)", what);
+  return 0;
+}
+
 /* n arguments (sig), or n + 1 with an int64 tuning `config` just before the last (out). */
 static int ak_nargs(const ak_call* c, int n, const char* sig) {
   if (c->num_args != n && c->num_args != n + 1)
@@ -178,6 +186,7 @@ static int ak_dense(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* res
   AK_TRY(ak_config(&c, 11, &tune));
   AK_TRY(ak_int(&c, 4, "N", 1, (int64_t)1 << 40, &N));
   AK_TRY(ak_epi(&c, 5, &e));
+  AK_TRY(ak_aligned(&c, w, "w_packed"));
   const int64_t K = x->shape[x->ndim - 1];
   if (w->shape[0] != (N + AK_NR - 1) / AK_NR || w->shape[1] != K || w->shape[2] != AK_NR)
     return ak_fail(&c, "ValueError", "w_packed must be [%lld, %lld, %d] for K=%lld, N=%lld "
@@ -334,6 +343,79 @@ static int ak_conv2d(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* re
   return 0;
 }
 
+/* conv2d_nhwc(x[N, H, W, C], w, bias[Cout] | [0], res | [0], groups, SH, SW, PH, PW, DH, DW,
+ *             act, res_mode, lo, hi, scale, out[N, OH, OW, Cout]), channels last. w is packed
+ *             [groups, ceil(Cout/groups/NR), KH, KW, C/groups, NR] (the GEMM path), or, for a
+ *             depthwise conv (groups == C == Cout), [KH, KW, C]. Pads as in conv2d. */
+static int ak_conv2d_nhwc(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
+  (void)self; (void)result;
+  ak_call c = {"accelkit.cpu.conv2d_nhwc", args, n};
+  AK_TRY(ak_nargs(&c, 17, "x, w, bias, res, groups, SH, SW, PH, PW, DH, DW, act, res_mode, lo, "
+                          "hi, scale, out"));
+  DLTensor *x, *w, *bias, *res, *out;
+  AK_NEED(x = ak_f32(&c, 0, "x", 4, 4));
+  AK_NEED(w = ak_f32(&c, 1, "w", 3, 6));
+  AK_NEED(bias = ak_f32(&c, 2, "bias", 1, 1));
+  AK_NEED(res = ak_f32(&c, 3, "res", 1, 4));
+  AK_NEED(out = ak_f32(&c, n - 1, "out", 4, 4));
+  ak_tuning tune;
+  AK_TRY(ak_config(&c, 17, &tune));
+  int64_t groups, v[6];
+  static const char* names[6] = {"stride_h", "stride_w", "pad_top", "pad_left", "dilation_h",
+                                 "dilation_w"};
+  AK_TRY(ak_int(&c, 4, "groups", 1, 1 << 20, &groups));
+  for (int i = 0; i < 6; ++i)
+    AK_TRY(ak_int(&c, 5 + i, names[i], (i == 2 || i == 3) ? 0 : 1, 1 << 20, &v[i]));
+  ak_epilogue e;
+  AK_TRY(ak_epi(&c, 11, &e));
+  const int64_t N = x->shape[0], C = x->shape[3], cout = out->shape[3];
+  if (C % groups || cout % groups)
+    return ak_fail(&c, "ValueError", "%lld input and %lld output channels do not split into "
+                   "%lld groups", (long long)C, (long long)cout, (long long)groups);
+  const int depthwise = w->ndim == 3;
+  int64_t kh, kw;
+  if (depthwise) {
+    if (groups != C || cout != C || w->shape[2] != C)
+      return ak_fail(&c, "ValueError", "a rank-3 w [KH, KW, C] is the depthwise form: it needs "
+                     "groups == C == Cout == w.shape[2] (got groups=%lld, C=%lld, Cout=%lld, "
+                     "w.shape[2]=%lld)", (long long)groups, (long long)C, (long long)cout,
+                     (long long)w->shape[2]);
+    kh = w->shape[0];
+    kw = w->shape[1];
+  } else if (w->ndim == 6) {
+    const int64_t tiles = (cout / groups + AK_NR - 1) / AK_NR;
+    if (w->shape[0] != groups || w->shape[1] != tiles || w->shape[4] != C / groups ||
+        w->shape[5] != AK_NR)
+      return ak_fail(&c, "ValueError", "packed w must be [%lld, %lld, KH, KW, %lld, %d] for %lld "
+                     "groups, %lld input and %lld output channels", (long long)groups,
+                     (long long)tiles, (long long)(C / groups), AK_NR, (long long)groups,
+                     (long long)C, (long long)cout);
+    AK_TRY(ak_aligned(&c, w, "packed w"));
+    kh = w->shape[2];
+    kw = w->shape[3];
+  } else {
+    return ak_fail(&c, "ValueError", "w must be packed (rank 6) or depthwise [KH, KW, C] (rank "
+                   "3), not rank %d", (int)w->ndim);
+  }
+  if (kh < 1 || kw < 1)
+    return ak_fail(&c, "ValueError", "the kernel window must be at least 1x1");
+  if (out->shape[0] != N)
+    return ak_fail(&c, "ValueError", "out must be [%lld, OH, OW, Cout]", (long long)N);
+  if (ak_numel(bias) != 0 && ak_numel(bias) != cout)
+    return ak_fail(&c, "ValueError", "bias must have %lld elements", (long long)cout);
+  if (e.res_mode != AK_RES_NONE) AK_TRY(ak_same_shape(&c, res, out, "res", "out"));
+  ak_conv_geom g = {C / groups, x->shape[1], x->shape[2], kh, kw,
+                    out->shape[1], out->shape[2], v[0], v[1], v[2], v[3], v[4], v[5]};
+  if (ak_numel(out) == 0) return 0;
+  const float* b = AK_OPT(bias);
+  const float* r = e.res_mode ? AK_DATA(res) : NULL;
+  if (depthwise)
+    ak_depthwise_nhwc_f32(AK_DATA(x), AK_DATA(w), b, r, AK_DATA(out), N, C, &g, e, tune.threads);
+  else
+    ak_conv2d_nhwc_f32(AK_DATA(x), AK_DATA(w), b, r, AK_DATA(out), N, groups, &g, cout, e, tune);
+  return 0;
+}
+
 /* layer_norm(x[..., D], gamma[D], beta[D] | [0], eps, out) over the last axis. */
 static int ak_layer_norm(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
   (void)self; (void)result;
@@ -390,6 +472,7 @@ int ak_register_all(void) {
       {"accelkit.cpu.dense", ak_dense},
       {"accelkit.cpu.bmm", ak_bmm},
       {"accelkit.cpu.conv2d", ak_conv2d},
+      {"accelkit.cpu.conv2d_nhwc", ak_conv2d_nhwc},
       {"accelkit.cpu.layer_norm", ak_layer_norm},
       {"accelkit.cpu.softmax", ak_softmax},
   };

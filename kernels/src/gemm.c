@@ -296,7 +296,8 @@ void ak_gemm_f32(const ak_gemm* g) {
   const size_t b_bytes = (size_t)job.P * (size_t)g->K * AK_NR * sizeof(float);
   const int resident = g->tune.order == 2 ? b_bytes <= 8 * AK_RESIDENT_B_BYTES
                        : g->tune.order == 1 ? 0
-                       : b_bytes <= AK_RESIDENT_B_BYTES && g->M >= g->N && mtiles >= 4 * threads;
+                       : b_bytes <= AK_RESIDENT_B_BYTES && g->M >= g->N && mtiles >= 4 * threads &&
+                             g->batch == 1; /* per batch item it costs two pool launches */
   if (!g->b_prepacked && resident) {
     float* packed = ak_scratch(b_bytes / sizeof(float)); /* the calling thread's */
     if (packed) {
@@ -359,6 +360,192 @@ void ak_conv2d_f32(const float* x, const float* w, int w_packed, const float* bi
     g.tune = tune;
     ak_gemm_f32(&g);
   }
+}
+
+/* ---- convolution, NHWC ------------------------------------------------------------------- */
+
+typedef struct {
+  const float *x, *w, *bias, *res;
+  float* out;
+  const ak_conv_geom* g;
+  ak_epilogue epi;
+  ak_ukr_fn ukr;
+  int64_t xc;     /* channels of an input pixel (all groups) */
+  int64_t cout;   /* channels of an output pixel (all groups) */
+  int64_t group, coutg, M, K, kc, P, mb, ngroups, ppg;
+  int direct;     /* 1x1, stride 1, no padding: x is A as it is */
+} ak_nhwc_job;
+
+/* A rows [m0, m0 + rows) of the implicit im2col matrix into dst[rows][K]: per tap, one run of
+ * C contiguous channels from the input pixel, or zeros outside the input. */
+AK_SHORT_COPIES static void nhwc_gather(const ak_nhwc_job* j, int64_t m0, int64_t rows, float* dst) {
+  const ak_conv_geom* g = j->g;
+  const int64_t ohw = g->OH * g->OW, C = g->C;
+  const size_t run = (size_t)C * sizeof(float);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t m = m0 + r, img = m / ohw, oy = (m % ohw) / g->OW, ox = m % g->OW;
+    const float* xi = j->x + img * g->H * g->W * j->xc + j->group * C;
+    float* d = dst + r * j->K;
+    const int64_t ix0 = ox * g->SW - g->PW;
+    for (int64_t ky = 0; ky < g->KH; ++ky) {
+      const int64_t iy = oy * g->SH - g->PH + ky * g->DH;
+      if (iy < 0 || iy >= g->H) {
+        memset(d, 0, run * (size_t)g->KW);
+        d += g->KW * C;
+        continue;
+      }
+      if (g->DW == 1 && j->xc == C) { /* the row's taps are one contiguous run of the input */
+        int64_t kx0 = ix0 < 0 ? -ix0 : 0, kx1 = g->W - ix0 < g->KW ? g->W - ix0 : g->KW;
+        if (kx0 > g->KW) kx0 = g->KW;
+        if (kx1 < kx0) kx1 = kx0;
+        const int64_t head = kx0 * C, body = (kx1 - kx0) * C, tail = (g->KW - kx1) * C;
+        const float* src = xi + (iy * g->W + ix0 + kx0) * C;
+        if (g->KW * C <= 64) { /* a few floats (the image stem): inline, not libc calls */
+          for (int64_t t = 0; t < head; ++t) d[t] = 0.f;
+          for (int64_t t = 0; t < body; ++t) d[head + t] = src[t];
+          for (int64_t t = 0; t < tail; ++t) d[head + body + t] = 0.f;
+        } else {
+          memset(d, 0, (size_t)head * sizeof(float));
+          memcpy(d + head, src, (size_t)body * sizeof(float));
+          memset(d + head + body, 0, (size_t)tail * sizeof(float));
+        }
+        d += g->KW * C;
+        continue;
+      }
+      for (int64_t kx = 0; kx < g->KW; ++kx, d += C) {
+        const int64_t ix = ix0 + kx * g->DW;
+        if (ix < 0 || ix >= g->W) memset(d, 0, run);
+        else memcpy(d, xi + (iy * g->W + ix) * j->xc, run);
+      }
+    }
+  }
+}
+
+/* Work item = (block of mb rows, group of panels); a thread's consecutive items share a block,
+ * which is gathered once: the block stays in L2 while every panel of the group sweeps it. */
+static void nhwc_range(int64_t begin, int64_t end, void* ctx) {
+  const ak_nhwc_job* j = (const ak_nhwc_job*)ctx;
+  float* buf = NULL;
+  int64_t gathered = -1;
+  for (int64_t idx = begin; idx < end; ++idx) {
+    const int64_t blk = idx / j->ngroups, pg = idx % j->ngroups;
+    const int64_t m0 = blk * j->mb, rows = j->M - m0 < j->mb ? j->M - m0 : j->mb;
+    const float* a;
+    int64_t lda;
+    if (j->direct) {
+      a = j->x + m0 * j->xc + j->group * j->g->C;
+      lda = j->xc;
+    } else {
+      if (!buf) buf = ak_scratch((size_t)(j->mb * j->K));
+      if (!buf) return; /* out of memory: leave the output as is */
+      if (blk != gathered) {
+        nhwc_gather(j, m0, rows, buf);
+        gathered = blk;
+      }
+      a = buf;
+      lda = j->K;
+    }
+    const int64_t p1 = (pg + 1) * j->ppg < j->P ? (pg + 1) * j->ppg : j->P;
+    /* K blocks: a kc x NR panel slice stays in L1/L2 while the block's row tiles run over it;
+     * the partial sums go through the output exactly (same fp32 sums, same order) */
+    for (int64_t k0 = 0; k0 < j->K; k0 += j->kc) {
+      const int64_t kb = j->K - k0 < j->kc ? j->K - k0 : j->kc;
+      ak_epilogue epi = j->epi;
+      epi.accumulate = k0 > 0;
+      epi.raw = k0 + kb < j->K;
+      for (int64_t p = pg * j->ppg; p < p1; ++p) {
+        const int64_t n0 = p * AK_NR;
+        const int nv = (int)(j->coutg - n0 < AK_NR ? j->coutg - n0 : AK_NR);
+        const float* panel = j->w + p * j->K * AK_NR + k0 * AK_NR;
+        const int64_t col = j->group * j->coutg + n0;
+        for (int64_t t0 = 0; t0 < rows; t0 += AK_MR) {
+          const int mr = (int)(rows - t0 < AK_MR ? rows - t0 : AK_MR);
+          const int64_t row = m0 + t0;
+          j->ukr(mr, kb, a + t0 * lda + k0, lda, panel, j->out + row * j->cout + col, j->cout,
+                 nv, j->bias ? j->bias + col : NULL, NULL,
+                 j->res ? j->res + row * j->cout + col : NULL, j->cout, &epi);
+        }
+      }
+    }
+  }
+}
+
+void ak_conv2d_nhwc_f32(const float* x, const float* w, const float* bias, const float* res,
+                        float* out, int64_t n, int64_t groups, const ak_conv_geom* g,
+                        int64_t cout, ak_epilogue epi, ak_tuning tune) {
+  ak_nhwc_job j;
+  memset(&j, 0, sizeof(j));
+  j.x = x; j.bias = bias; j.res = res; j.out = out; j.g = g;
+  j.epi = epi;
+  j.epi.bias_mode = bias ? AK_BIAS_COL : AK_BIAS_NONE;
+  j.ukr = ak_table()->ukr;
+  j.xc = g->C * groups;
+  j.cout = cout;
+  j.coutg = cout / groups;
+  j.M = n * g->OH * g->OW;
+  j.K = g->C * g->KH * g->KW;
+  j.P = (j.coutg + AK_NR - 1) / AK_NR;
+  j.direct = g->KH == 1 && g->KW == 1 && g->SH == 1 && g->SW == 1 && g->PH == 0 && g->PW == 0 &&
+             g->OH == g->H && g->OW == g->W;
+  if (j.M <= 0 || j.P <= 0) return;
+  /* rows per block: about 128 KB of A (L2-resident while the panels sweep it) */
+  const int pool = ak_num_threads();
+  const int64_t threads = tune.threads > 0 && tune.threads < pool ? tune.threads : pool;
+  /* K block: tuned, or for a long K (3x3 convolutions of 128+ channels, 1x1 of 1024+) 256 when
+   * few rows share a panel slice (14x14 and smaller: measured 5-8% faster), else 512 */
+  j.kc = tune.kc > 0 ? tune.kc : (j.K >= 1024 && j.M <= 256 ? 256 : j.K > 1024 ? 512 : j.K);
+  if (j.kc > j.K || j.kc <= 0) j.kc = j.K > 0 ? j.K : 1;
+  int64_t mb = (32768 / j.kc) / AK_MR * AK_MR;
+  mb = mb < AK_MR ? AK_MR : (mb > 512 ? 512 : mb);
+  const int64_t mtiles = (j.M + AK_MR - 1) / AK_MR;
+  /* equal blocks, a multiple of the threads in number: a short last block would leave a
+   * thread idle */
+  int64_t blocks = (mtiles * AK_MR + mb - 1) / mb;
+  /* one block (few pixels: the 7x7 and 14x14 layers) stays one: the threads split the weight
+   * panels instead, so the (large) weights are read once, not once per block */
+  if (blocks > 1) blocks = (blocks + threads - 1) / threads * threads;
+  if (blocks > mtiles) blocks = mtiles;
+  mb = (mtiles + blocks - 1) / blocks * AK_MR;
+  blocks = (j.M + mb - 1) / mb;
+  j.mb = mb;
+  const int64_t want = (tune.grain > 0 ? tune.grain : 4) * threads;
+  int64_t ng = blocks >= want ? 1 : (want + blocks - 1) / blocks;
+  if (ng > j.P) ng = j.P;
+  j.ppg = (j.P + ng - 1) / ng;
+  j.ngroups = (j.P + j.ppg - 1) / j.ppg;
+  const int64_t wstride = j.P * j.K * AK_NR;
+  for (int64_t grp = 0; grp < groups; ++grp) {
+    j.group = grp;
+    j.w = w + grp * wstride;
+    ak_parallel_range_n(nhwc_range, &j, blocks * j.ngroups, (int)threads);
+  }
+}
+
+typedef struct {
+  const float *x, *w, *bias, *res;
+  float* out;
+  const ak_conv_geom* g;
+  ak_epilogue epi;
+  int64_t C;
+  ak_dw_nhwc_row_fn row;
+} ak_dw_nhwc_job;
+
+static void dw_nhwc_range(int64_t begin, int64_t end, void* ctx) {
+  const ak_dw_nhwc_job* j = (const ak_dw_nhwc_job*)ctx;
+  const ak_conv_geom* g = j->g;
+  for (int64_t idx = begin; idx < end; ++idx) {
+    const int64_t img = idx / g->OH, oy = idx % g->OH;
+    const int64_t at = (img * g->OH + oy) * g->OW * j->C;
+    j->row(j->x + img * g->H * g->W * j->C, j->w, g, j->C, oy, j->bias,
+           j->res ? j->res + at : NULL, j->out + at, &j->epi);
+  }
+}
+
+void ak_depthwise_nhwc_f32(const float* x, const float* w, const float* bias, const float* res,
+                           float* out, int64_t n, int64_t channels, const ak_conv_geom* g,
+                           ak_epilogue epi, int threads) {
+  ak_dw_nhwc_job j = {x, w, bias, res, out, g, epi, channels, ak_table()->dw_nhwc_row};
+  ak_parallel_range_n(dw_nhwc_range, &j, n * g->OH, threads);
 }
 
 typedef struct {

@@ -87,5 +87,28 @@ static void softmax_row_portable(const float* x, const float* gamma, const float
   for (int64_t j = 0; j < D; ++j) out[j] *= inv;
 }
 
+void ak_dw_nhwc_row_portable(const float* x, const float* w, const ak_conv_geom* g,
+                             int64_t channels, int64_t oy, const float* bias, const float* res,
+                             float* out, const ak_epilogue* epi) {
+  const int64_t C = channels;
+  for (int64_t ox = 0; ox < g->OW; ++ox) {
+    float* o = out + ox * C;
+    for (int64_t c = 0; c < C; ++c) o[c] = 0.f;
+    for (int64_t ky = 0; ky < g->KH; ++ky) {
+      const int64_t iy = oy * g->SH - g->PH + ky * g->DH;
+      if (iy < 0 || iy >= g->H) continue;
+      for (int64_t kx = 0; kx < g->KW; ++kx) {
+        const int64_t ix = ox * g->SW - g->PW + kx * g->DW;
+        if (ix < 0 || ix >= g->W) continue;
+        const float* src = x + (iy * g->W + ix) * C;
+        const float* wt = w + (ky * g->KW + kx) * C;
+        for (int64_t c = 0; c < C; ++c) o[c] += src[c] * wt[c];
+      }
+    }
+    const float* r = res ? res + ox * C : NULL;
+    for (int64_t c = 0; c < C; ++c) o[c] = epi1(o[c], bias ? bias[c] : 0.f, r, c, epi);
+  }
+}
+
 const ak_isa_table ak_portable_table = {ukr_portable, ak_im2col_portable, NULL, row_epi_portable, layer_norm_row_portable,
-                                        softmax_row_portable};
+                                        softmax_row_portable, ak_dw_nhwc_row_portable};
