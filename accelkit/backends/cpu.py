@@ -259,17 +259,16 @@ def _dense_args(x, w, core):
     return [x, relax.const(pack_weight(_const_value(w).astype(np.float32)))], (ws[1],)
 
 
-def _conv2d_args(x, w, conv):
-    from tvm import relax
-
+def _conv_call(x, w, conv, layout: str):
+    """(input shape, weight shape, output shape, (groups, SH, SW, pad top, pad left, DH, DW)) of
+    a float32 conv2d in `layout` with OIHW weights, or None when the kernels do not take it."""
     attrs = conv.attrs
     xs, ws, out = _f32(x, (4,)), _f32(w, (4,)), _f32(conv, (4,))
     if xs is None or ws is None or out is None:
         return None
-    if (attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW"
-            or attrs.out_layout not in ("NCHW", "") or str(attrs.out_dtype) not in ("float32", "", "None", "void")):
+    if (attrs.data_layout != layout or attrs.kernel_layout != "OIHW"
+            or attrs.out_layout not in (layout, "") or str(attrs.out_dtype) not in ("float32", "", "None", "void")):
         return None
-    groups = int(attrs.groups)
     stride = [int(v) for v in attrs.strides]
     pad = [int(v) for v in attrs.padding]
     dilation = [int(v) for v in attrs.dilation]
@@ -277,35 +276,38 @@ def _conv2d_args(x, w, conv):
         pad = pad * 2
     if len(stride) != 2 or len(dilation) != 2 or len(pad) != 4:
         return None
+    return xs, ws, out, (int(attrs.groups), stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1])
+
+
+def _conv2d_args(x, w, conv):
+    from tvm import relax
+
+    call = _conv_call(x, w, conv, "NCHW")
+    if call is None:
+        return None
+    xs, ws, out, ints = call
+    groups = ints[0]
     weight = _const_value(w).astype(np.float32)
     depthwise = groups > 1 and groups == xs[1] == out[1] and ws[1] == 1
     if not depthwise:  # the GEMM path: weights as packed A micro-panels
         weight = pack_conv_weight(weight, groups)
-    return [x, relax.const(weight)], (groups, stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1])
+    return [x, relax.const(weight)], ints
 
 
 def _conv2d_nhwc_args(x, w, conv):
     from tvm import relax
 
-    attrs = conv.attrs
-    xs, ws, out = _f32(x, (4,)), _f32(w, (4,)), _f32(conv, (4,))
-    if xs is None or ws is None or out is None:
+    call = _conv_call(x, w, conv, "NHWC")
+    if call is None:
         return None
-    if (attrs.data_layout != "NHWC" or attrs.kernel_layout != "OIHW"
-            or attrs.out_layout not in ("NHWC", "") or str(attrs.out_dtype) not in ("float32", "", "None", "void")):
-        return None
-    groups = int(attrs.groups)
-    stride = [int(v) for v in attrs.strides]
-    pad = [int(v) for v in attrs.padding]
-    dilation = [int(v) for v in attrs.dilation]
-    if len(pad) == 2:
-        pad = pad * 2
-    if len(stride) != 2 or len(dilation) != 2 or len(pad) != 4:
-        return None
+    xs, ws, out, ints = call
+    groups = ints[0]
     weight = _const_value(w).astype(np.float32)
     depthwise = groups > 1 and groups == xs[3] == out[3] and ws[1] == 1
     weight = depthwise_weight_nhwc(weight) if depthwise else pack_conv_weight_nhwc(weight, groups)
-    return [x, relax.const(weight)], (groups, stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1])
+    return [x, relax.const(weight)], ints
+
+
 
 
 def conv2d_nhwc_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.conv2d_nhwc") -> list[KernelPattern]:
