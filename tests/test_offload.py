@@ -290,3 +290,29 @@ def test_unknown_layout_option_is_refused_with_the_choices():
                        [helper.make_tensor_value_info("y", F, [1, 4])], [])
     with pytest.raises(accelkit.OptionError, match="layout='nchwc' .* choose 'nhwc' or 'nchw'"):
         accelkit.compile(proto, cache=False, layout="nchwc")
+
+
+def test_sum_of_a_residual_is_added_and_a_failing_layout_pass_falls_back(monkeypatch, caplog):
+    """Old ResNet exports sum the residual with ONNX Sum, which TVM imports as stack + sum: the
+    frontend makes it Adds (three inputs, broadcasting), so the layout pass follows it and the
+    add fuses into the conv. If TVM's layout pass fails anyway, the model compiles NCHW."""
+    rng = np.random.default_rng(12)
+    nodes = [helper.make_node("Conv", ["x", "W", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Sum", ["c", "x", "bias"], ["s"]),
+             helper.make_node("Relu", ["s"], ["y"])]
+    inits = [const("W", rng.standard_normal((4, 4, 3, 3)) * 0.2), const("b", rng.standard_normal(4)),
+             const("bias", rng.standard_normal((4, 1, 1)))]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 4, 6, 6])],
+                       [helper.make_tensor_value_info("y", F, [1, 4, 6, 6])], inits)
+    model = check(proto, {"cpu.conv2d_nhwc_bias_add": 1})  # the constant joins the bias add
+    assert model.manifest["offloaded"]
+
+    from tvm import relax
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Invalid SLayout (injected)")
+
+    monkeypatch.setattr(relax.transform, "ConvertLayout", broken)
+    with caplog.at_level("WARNING", logger="accelkit"):
+        check(proto, {"cpu.conv2d_bias_add": 1})
+    assert "channels-last conversion failed (RuntimeError: Invalid SLayout (injected))" in caplog.text

@@ -7,6 +7,10 @@ specifies, into equivalent ones it converts right:
   a 1 where the data has a larger size gives a wrong shape. The shape is first aligned with the
   data's static shape (ONNX broadcasting: a data size of 1 takes the requested size, any other
   size stays).
+- Sum of two or more inputs: TVM stacks the inputs and reduces the stack, which its layout pass
+  cannot follow (ConvertLayout fails with "Invalid SLayout") and which no Add pattern matches
+  (old ResNet exports sum the residual). It becomes a chain of Adds, the same broadcasting sum
+  in the same order.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ def decompose(model: onnx.ModelProto) -> bool:
     """Apply the rewrites above to the main graph, in place (needs value_info from shape
     inference); returns whether anything changed."""
     g = model.graph
-    if not any(_layer_norm_with_statistics(n) or _runtime_expand(n) for n in g.node):
+    if not any(_layer_norm_with_statistics(n) or _runtime_expand(n) or _multi_sum(n) for n in g.node):
         return False
     types = tensor_types(model)
     inits = {init.name for init in g.initializer}
@@ -38,6 +42,8 @@ def decompose(model: onnx.ModelProto) -> bool:
             added = _split_layer_norm(node, types, opset, fresh)
         elif _runtime_expand(node) and node.input[1] not in inits:
             added = _align_expand_shape(node, types, fresh)
+        elif _multi_sum(node):
+            added = _sum_as_adds(node, fresh)
         if added is None:
             nodes.append(node)
             continue
@@ -63,6 +69,21 @@ def _layer_norm_with_statistics(node: onnx.NodeProto) -> bool:
 
 def _runtime_expand(node: onnx.NodeProto) -> bool:
     return _default_domain(node) and node.op_type == "Expand" and node.doc_string != _EXPAND_DONE
+
+
+def _multi_sum(node: onnx.NodeProto) -> bool:
+    return _default_domain(node) and node.op_type == "Sum" and len(node.input) >= 2
+
+
+def _sum_as_adds(node, fresh):
+    acc = node.input[0]
+    nodes = []
+    for i, term in enumerate(node.input[1:], start=1):
+        last = i == len(node.input) - 1
+        out = node.output[0] if last else fresh(f"{node.output[0]}_sum{i}")
+        nodes.append(helper.make_node("Add", [acc, term], [out], name=f"{node.name}_add{i}" if node.name else ""))
+        acc = out
+    return nodes, []
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
