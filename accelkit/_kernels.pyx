@@ -24,7 +24,8 @@ KERNELS = ("accelkit.cpu.dense", "accelkit.cpu.bmm", "accelkit.cpu.conv2d",
 
 
 def register():
-    """Register (again) every kernel; reads ACCELKIT_PORTABLE_KERNELS. Returns the names."""
+    """Register (again) every kernel; reads ACCELKIT_PORTABLE_KERNELS and ACCELKIT_KERNEL_ISA.
+    Returns the names."""
     if ak_register_all() < 0:
         raise RuntimeError("accelkit: registering the C kernels into TVM-FFI failed")
     return KERNELS
@@ -41,9 +42,12 @@ def num_threads():
     return ak_num_threads()
 
 
+ISAS = ("portable", "avx2", "avx512")  # ak_isa()'s codes
+
+
 def isa():
-    """The instruction set the kernels run: 'avx512' or 'portable'."""
-    return "avx512" if ak_isa() else "portable"
+    """The instruction set the kernels run: 'avx512', 'avx2' (with FMA) or 'portable'."""
+    return ISAS[ak_isa()]
 
 
 def portable():

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import functools
 
+ISAS = ("portable", "avx2", "avx512")  # ACCELKIT_KERNEL_ISA's values, least to most
+
 
 @functools.cache
 def load():
     """Import accelkit._kernels (which registers `accelkit.cpu.*` into TVM-FFI) and return it."""
+    import os
+
     from accelkit import threads
 
+    cap = os.environ.get("ACCELKIT_KERNEL_ISA", "")
+    if cap and cap not in ISAS:
+        from accelkit.errors import OptionError
+
+        raise OptionError(f"ACCELKIT_KERNEL_ISA={cap!r} is not an instruction set of accelkit's "
+                          f"kernels; choose one of {', '.join(ISAS)} (the most they may use), or "
+                          "unset it for the CPU's best")
     threads.configure()
     import tvm  # noqa: F401  -- loads libtvm_runtime.so (the pool's launch function)
     import tvm_ffi  # noqa: F401  -- loads libtvm_ffi.so, which the extension links by soname

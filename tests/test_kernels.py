@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from accelkit.backends.cpu import ACT_CODES, depthwise_weight_nhwc, pack_conv_weight, pack_conv_weight_nhwc, pack_weight
+from accelkit.backends.cpu import (ACT_CODES, depthwise_weight_nhwc, pack_conv_weight, pack_conv_weight_nhwc,
+                                   pack_weight, winograd_weight_nhwc)
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
@@ -33,19 +34,36 @@ def k():
     return lambda name: tvm_ffi.get_global_func(f"accelkit.cpu.{name}")
 
 
-@pytest.fixture(params=["native", "portable"])
+def _cpu_flags() -> set[str]:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+CPU_FLAGS = _cpu_flags()
+NATIVE_ISA = "avx512" if "avx512f" in CPU_FLAGS else "avx2" if {"avx2", "fma"} <= CPU_FLAGS else "portable"
+
+
+@pytest.fixture(params=["native", "avx2", "portable"])
 def isa(request, monkeypatch):
-    """Run a test on the CPU's best path and again on the forced portable one."""
+    """Run a test on the CPU's best path, again on the AVX2 one (an AVX-512 CPU runs both), and
+    on the forced portable one."""
     from accelkit import kernels
 
     module = kernels.load()
-    if request.param == "portable":
+    monkeypatch.delenv("ACCELKIT_PORTABLE_KERNELS", raising=False)
+    monkeypatch.delenv("ACCELKIT_KERNEL_ISA", raising=False)
+    if request.param == "avx2":
+        if NATIVE_ISA != "avx512":
+            pytest.skip(f"the native path is {NATIVE_ISA}: no separate AVX2 run")
+        monkeypatch.setenv("ACCELKIT_KERNEL_ISA", "avx2")
+    elif request.param == "portable":
         monkeypatch.setenv("ACCELKIT_PORTABLE_KERNELS", "1")
-    else:
-        monkeypatch.delenv("ACCELKIT_PORTABLE_KERNELS", raising=False)
     module.register()
     yield module.isa()
     monkeypatch.delenv("ACCELKIT_PORTABLE_KERNELS", raising=False)
+    monkeypatch.delenv("ACCELKIT_KERNEL_ISA", raising=False)
     module.register()
 
 
@@ -66,10 +84,36 @@ def close(got, want, tol=2e-5):
 
 
 def test_portable_path_is_selected_by_the_environment(isa, request):
-    if request.node.callspec.params["isa"] == "portable":
-        assert isa == "portable"
-    elif "avx512f" in open("/proc/cpuinfo").read():
-        assert isa == "avx512"
+    want = {"native": NATIVE_ISA, "avx2": "avx2", "portable": "portable"}
+    assert isa == want[request.node.callspec.params["isa"]]
+
+
+def test_kernel_isa_cap_is_checked(monkeypatch):
+    """ACCELKIT_KERNEL_ISA caps the dispatch (never above the CPU's best); a value that is not an
+    instruction set is refused with the choices, not ignored."""
+    import accelkit
+    from accelkit import kernels
+
+    module = kernels.load()
+    try:
+        monkeypatch.setenv("ACCELKIT_KERNEL_ISA", "portable")
+        module.register()
+        assert module.isa() == "portable"
+        monkeypatch.setenv("ACCELKIT_KERNEL_ISA", "avx512")
+        module.register()
+        assert module.isa() == NATIVE_ISA
+    finally:
+        monkeypatch.delenv("ACCELKIT_KERNEL_ISA")
+        module.register()
+    monkeypatch.setenv("ACCELKIT_KERNEL_ISA", "sse9")
+    kernels.load.cache_clear()
+    try:
+        with pytest.raises(accelkit.OptionError, match="ACCELKIT_KERNEL_ISA='sse9' .* portable, avx2, avx512"):
+            kernels.load()
+    finally:
+        monkeypatch.delenv("ACCELKIT_KERNEL_ISA")
+        kernels.load.cache_clear()
+        kernels.load()
 
 
 @pytest.mark.parametrize("shape", [(5, 7, 45), (64, 96, 64), (1, 33, 31), (3, 2, 17, 40)])
@@ -209,6 +253,62 @@ def test_conv2d_nhwc(k, isa, case, act, res):
     close(out.numpy(), want.transpose(0, 2, 3, 1))
 
 
+WINOGRAD_CONVS = [  # (n, c, h, w, cout, pads): 3x3 stride 1; sizes that are not whole 4x4 tiles
+    (1, 8, 9, 11, 16, (1, 1, 1, 1)),
+    (2, 16, 5, 6, 72, (1, 1, 1, 1)),      # batch 2, three panels (the last partial)
+    (1, 3, 7, 5, 40, (0, 0, 0, 0)),       # unpadded, 3 channels (partial vectors)
+    (1, 21, 13, 9, 33, (2, 1, 0, 2)),     # asymmetric pads, odd channel counts
+    (1, 32, 40, 40, 64, (1, 1, 1, 1)),    # 100 tiles: several tile blocks
+    (1, 200, 6, 6, 40, (1, 1, 1, 1)),     # long C (K of the 36 GEMMs)
+]
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CONVS, ids=lambda c: "x".join(map(str, c[:5])))
+@pytest.mark.parametrize("act,res", [(None, 0), ("clip", 0), ("relu", 1), ("silu", 2)])
+def test_conv2d_nhwc_winograd(k, isa, case, act, res):
+    """Winograd F(4x4, 3x3) (weights transformed at compile time, rank 4) against the float64
+    direct conv: the same results as the GEMM path, to the transforms' rounding (~1e-6)."""
+    n, c, h, wd, cout, pads = case
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((n, c, h, wd)).astype(np.float32)
+    w = (rng.standard_normal((cout, c, 3, 3)) / math.sqrt(9 * c)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    want = conv_ref(x.astype(np.float64), w.astype(np.float64), b, (1, 1), pads, (1, 1), 1)
+    r = rng.standard_normal(want.shape).astype(np.float32)
+    out = t(np.zeros(want.transpose(0, 2, 3, 1).shape, np.float32))
+    k("conv2d_nhwc")(t(x.transpose(0, 2, 3, 1)), t(winograd_weight_nhwc(w)), t(b),
+                     t(r.transpose(0, 2, 3, 1)) if res else none(), 1, 1, 1, pads[0], pads[1], 1, 1,
+                     ACT_CODES[act], res, 0.0, 6.0, 1.0, out)
+    if res == 1:
+        want = want + r
+    want = ACTS[act](want)
+    if res == 2:
+        want = want + r
+    close(out.numpy(), want.transpose(0, 2, 3, 1))
+
+
+def test_winograd_weight_transform_is_exact():
+    """U = G g G^T, then the kernel's B^T / A^T: a 1x1 input patch through the transforms of one
+    tile must give the direct 3x3 products (checked in float64 on the packed layout)."""
+    rng = np.random.default_rng(12)
+    w = rng.standard_normal((5, 2, 3, 3))
+    u = winograd_weight_nhwc(w.astype(np.float32)).astype(np.float64)  # [36, 1, 2, 32]
+    assert u.shape == (36, 1, 2, 32) and not u[..., 5:].any()
+    bt = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                   [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float64)
+    at = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+                  np.float64)
+    d = rng.standard_normal((2, 6, 6))  # one tile's 6x6 input patch, 2 channels
+    v = np.einsum("ai,cij,bj->abc", bt, d, bt).reshape(36, 2)
+    m = np.einsum("xc,xco->xo", v, u[:, 0, :, :5]).reshape(6, 6, 5)
+    y = np.einsum("ai,ijo,bj->oab", at, m, at)
+    direct = np.zeros((5, 4, 4))
+    for oy in range(4):
+        for ox in range(4):
+            direct[:, oy, ox] = np.einsum("cij,ocij->o", d[:, oy:oy + 3, ox:ox + 3], w)
+    np.testing.assert_allclose(y, direct, rtol=1e-5, atol=1e-5)
+
+
 def test_conv2d_nhwc_refuses_bad_arguments(k):
     import tvm_ffi
 
@@ -224,8 +324,17 @@ def test_conv2d_nhwc_refuses_bad_arguments(k):
         conv(x, packed, none(), none(), 1, 1, 1, 1, 1, 1, 1, 0, 0, 0.0, 0.0, 1.0, out)
     with pytest.raises(ValueError, match="a rank-3 w .* is the depthwise form"):
         conv(x, t(np.ones((3, 3, 4), np.float32)), none(), none(), 2, 1, 1, 1, 1, 1, 1, 0, 0, 0.0, 0.0, 1.0, out)
-    with pytest.raises(ValueError, match="not rank 4"):
-        conv(x, t(np.ones((6, 2, 3, 3), np.float32)), none(), none(), 2, 1, 1, 1, 1, 1, 1, 0, 0, 0.0, 0.0, 1.0, out)
+    with pytest.raises(ValueError, match="not rank 5"):
+        conv(x, t(np.ones((6, 2, 3, 3, 1), np.float32)), none(), none(), 2, 1, 1, 1, 1, 1, 1, 0, 0, 0.0, 0.0, 1.0, out)
+    # the Winograd form: its shape, and only for 3x3 stride-1 undilated ungrouped convs
+    wino = t(winograd_weight_nhwc(np.ones((6, 4, 3, 3), np.float32)))
+    conv(x, wino, none(), none(), 1, 1, 1, 1, 1, 1, 1, 0, 0, 0.0, 0.0, 1.0, out)
+    assert np.allclose(out.numpy()[0, 2, 2], 36.0) and np.allclose(out.numpy()[0, 0, 0], 16.0)
+    with pytest.raises(ValueError, match=r"Winograd F\(4x4, 3x3\) form: it must be \[36, 1, 4, 32\]"):
+        conv(x, t(np.ones((6, 2, 3, 3), np.float32)), none(), none(), 1, 1, 1, 1, 1, 1, 1, 0, 0, 0.0, 0.0, 1.0, out)
+    for groups, strides, dilations in ((2, (1, 1), (1, 1)), (1, (2, 1), (1, 1)), (1, (1, 1), (1, 2))):
+        with pytest.raises(ValueError, match="Winograd form is for ungrouped, stride-1, undilated"):
+            conv(x, wino, none(), none(), groups, *strides, 1, 1, *dilations, 0, 0, 0.0, 0.0, 1.0, out)
     with pytest.raises(ValueError, match="bias must have 6 elements"):
         conv(x, packed, t(np.ones(4, np.float32)), none(), 2, 1, 1, 1, 1, 1, 1, 0, 0, 0.0, 0.0, 1.0, out)
     with pytest.raises(ValueError, match="res must have the shape of out"):
@@ -361,6 +470,17 @@ def test_bmm_and_conv_same_result_under_every_tuning_config(k, isa):
         ref = out.numpy() if ref is None else (np.testing.assert_array_equal(out.numpy(), ref) or ref)
     close(ref.transpose(0, 3, 1, 2), conv_ref(x.transpose(0, 3, 1, 2), w, bias, (1, 1), (1, 1, 1, 1), (1, 1), 1),
           tol=1e-5)
+    # Winograd: threads and work items per thread move tiles and panels between threads, and
+    # never change a sum
+    ref_wino = None
+    for config in _configs("conv2d_nhwc"):
+        out = t(np.zeros((2, 6, 7, 40), np.float32))
+        k("conv2d_nhwc")(t(x), t(winograd_weight_nhwc(w)), t(bias), none(), 1, 1, 1, 1, 1, 1, 1, 0, 0,
+                         0.0, 0.0, 1.0, config, out)
+        if ref_wino is None:
+            ref_wino = out.numpy()
+        np.testing.assert_array_equal(out.numpy(), ref_wino)
+    close(ref_wino, ref, tol=1e-5)
 
 
 @pytest.mark.parametrize("threads", [0, 1, 2])

@@ -292,6 +292,36 @@ def test_unknown_layout_option_is_refused_with_the_choices():
         accelkit.compile(proto, cache=False, layout="nchwc")
 
 
+def test_winograd_convolutions_match_and_can_be_turned_off():
+    """3x3 stride-1 convs wide enough to pay run as Winograd F(4x4, 3x3) by default: the same
+    fused names and outputs within 1e-5 of onnxruntime, not bit-identical to the GEMM path that
+    winograd='off' keeps; the narrow first conv (3 channels) and the stride-2 one stay GEMMs."""
+    rng = np.random.default_rng(13)
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "W2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "W3", "b3"], ["c3"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c3", "r2"], ["s"]),
+        helper.make_node("Conv", ["s", "W4", "b4"], ["y"], pads=[1, 1, 1, 1], strides=[2, 2]),
+    ]
+    inits = [const("W1", rng.standard_normal((16, 3, 3, 3)) * 0.3), const("b1", rng.standard_normal(16)),
+             const("W2", rng.standard_normal((32, 16, 3, 3)) * 0.1), const("b2", rng.standard_normal(32)),
+             const("W3", rng.standard_normal((32, 32, 3, 3)) * 0.1), const("b3", rng.standard_normal(32)),
+             const("W4", rng.standard_normal((8, 32, 3, 3)) * 0.1), const("b4", rng.standard_normal(8))]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [2, 3, 18, 21])],
+                       [helper.make_tensor_value_info("y", F, [2, 8, 9, 11])], inits)
+    expected = {"cpu.conv2d_nhwc_bias_relu": 2, "cpu.conv2d_nhwc_bias_add": 1, "cpu.conv2d_nhwc_bias": 1}
+    wino = check(proto, expected)
+    gemm = check(proto, expected, winograd="off")
+    feeds = {"x": rng.standard_normal((2, 3, 18, 21)).astype(np.float32)}
+    a, b = wino.run(feeds)[0], gemm.run(feeds)[0]
+    assert relative_l2(a, b) < 1e-5 and not np.array_equal(a, b)
+    with pytest.raises(accelkit.OptionError, match="winograd='on' .* choose 'auto' or 'off'"):
+        accelkit.compile(proto, cache=False, winograd="on")
+
+
 def test_sum_of_a_residual_is_added_and_a_failing_layout_pass_falls_back(monkeypatch, caplog):
     """Old ResNet exports sum the residual with ONNX Sum, which TVM imports as stack + sum: the
     frontend makes it Adds (three inputs, broadcasting), so the layout pass follows it and the

@@ -148,6 +148,10 @@ class TVMBackend(Backend):
         """Subgraphs this backend runs in its own kernels (tried in order)."""
         return []
 
+    def patterns_for(self, options: CompileOptions) -> list[KernelPattern]:
+        """The patterns of one compile; a backend whose options change them overrides this."""
+        return self.patterns()
+
     def prepare(self, mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
         """Graph rewrites before the patterns are matched (e.g. a layout change); none here."""
         return mod
@@ -199,7 +203,7 @@ class TVMBackend(Backend):
 
         target = self.target(options)
         mod = self.prepare(clip_take_indices(frontend.to_relax(graph)), options)
-        mod, offloaded = offload(mod, self.patterns())
+        mod, offloaded = offload(mod, self.patterns_for(options))
         return target, mod, offloaded
 
     def tuning_module(self, graph: Graph, options: CompileOptions):
@@ -240,7 +244,7 @@ class TVMBackend(Backend):
                 f"backend '{self.name}' failed to compile the model for {target}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
-        kernels = sorted({p.kernel for p in self.patterns() if p.name in offloaded})
+        kernels = sorted({p.kernel for p in self.patterns_for(options) if p.name in offloaded})
         entries = {"target": str(target), "target_config": _target_config(target),
                    "offloaded": offloaded, "kernels": kernels, "library": self.library_name}
         if options.tuning is not None:

@@ -65,6 +65,9 @@ class KernelTask:
             depthwise = (conv and _is_depthwise(self.call)) or (nhwc and len(self.call.args[1].fields[1].ty.shape) == 3)
             if depthwise:
                 return out + [pack_config(threads=t) for t in thread_options]
+            if nhwc and len(self.call.args[1].fields[1].ty.shape) == 4:  # Winograd: no K block
+                return list(dict.fromkeys(out + [pack_config(threads, grain) for threads in thread_options
+                                                 for grain in ((1,) if threads == 1 else (1, 2, 4, 8, 16))]))
             if nhwc:  # the NHWC driver's knobs: threads, work items per thread, K block
                 blocks = (0, 256, 512, 1024) if _reduction_length(self) >= 1024 else (0,)
                 return list(dict.fromkeys(out + [pack_config(threads, grain, kc=kc) for threads in thread_options
@@ -96,7 +99,7 @@ def _reduction_length(task: "KernelTask") -> int:
         return w[2] * w[3] * w[4] if len(w) == 6 else w[1] * w[2] * w[3]
     if task.kernel == "accelkit.cpu.conv2d_nhwc":
         w = [int(d) for d in fields[1].ty.shape]
-        return w[2] * w[3] * w[4] if len(w) == 6 else w[0] * w[1]
+        return w[2] * w[3] * w[4] if len(w) == 6 else (w[2] if len(w) == 4 else w[0] * w[1])
     return first[-1]
 
 

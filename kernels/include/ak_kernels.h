@@ -109,6 +109,14 @@ void ak_conv2d_nhwc_f32(const float* x, const float* w, const float* bias, const
                         float* out, int64_t n, int64_t groups, const ak_conv_geom* g,
                         int64_t cout, ak_epilogue epi, ak_tuning tune);
 
+/* out = epilogue(conv2d(x, w)) for a 3x3, stride-1, undilated, ungrouped conv in NHWC by
+ * Winograd F(4x4, 3x3): per block of 4x4 output tiles, the input transform, 36 GEMMs (tiles x C
+ * by C x Cout) and the output transform with the epilogue. u is the transformed weight
+ * U = G g G^T, packed [36][ceil(cout/NR)][C][NR]. 2.25 multiplies per output instead of 9. */
+void ak_conv2d_nhwc_wino_f32(const float* x, const float* u, const float* bias, const float* res,
+                             float* out, int64_t n, const ak_conv_geom* g, int64_t cout,
+                             ak_epilogue epi, ak_tuning tune);
+
 /* Depthwise conv in NHWC (groups == channels == Cout): w is [KH][KW][C], each output pixel a
  * vector over channels. */
 void ak_depthwise_nhwc_f32(const float* x, const float* w, const float* bias, const float* res,
@@ -172,6 +180,21 @@ typedef void (*ak_dw_nhwc_row_fn)(const float* x, const float* w, const ak_conv_
 void ak_dw_nhwc_row_portable(const float* x, const float* w, const ak_conv_geom* g,
                              int64_t channels, int64_t oy, const float* bias, const float* res,
                              float* out, const ak_epilogue* epi);
+/* Winograd F(4x4, 3x3), channels last. Input transform of one tile: the 6x6 patch at (iy0, ix0)
+ * of an image x[H][W][C] (zeros outside it) -> V[xi][c] = (B^T d B)[xi] at v + xi*vstride + c. */
+typedef void (*ak_wino_in_fn)(const float* x, int64_t H, int64_t W, int64_t C, int64_t iy0,
+                              int64_t ix0, float* v, int64_t vstride);
+/* Output transform of one tile, channels [0, nc): M[xi][c] at m + xi*mstride + c (readable up to
+ * the next multiple of 16 channels) -> Y = A^T M A, the 4x4 pixels at (oy0, ox0) that lie inside
+ * OH x OW, written as epilogue(Y + bias[c]) to out + (oy*OW + ox)*ldo + c (res alike). */
+typedef void (*ak_wino_out_fn)(const float* m, int64_t mstride, int64_t nc, float* out,
+                               const float* res, int64_t OH, int64_t OW, int64_t ldo, int64_t oy0,
+                               int64_t ox0, const float* bias, const ak_epilogue* epi);
+void ak_wino_in_portable(const float* x, int64_t H, int64_t W, int64_t C, int64_t iy0,
+                         int64_t ix0, float* v, int64_t vstride);
+void ak_wino_out_portable(const float* m, int64_t mstride, int64_t nc, float* out,
+                          const float* res, int64_t OH, int64_t OW, int64_t ldo, int64_t oy0,
+                          int64_t ox0, const float* bias, const ak_epilogue* epi);
 typedef struct {
   ak_ukr_fn ukr;
   ak_im2col_fn im2col;
@@ -180,14 +203,20 @@ typedef struct {
   ak_rows_fn layer_norm_row;
   ak_rows_fn softmax_row; /* gamma/beta/eps unused */
   ak_dw_nhwc_row_fn dw_nhwc_row;
+  ak_wino_in_fn wino_in;
+  ak_wino_out_fn wino_out;
 } ak_isa_table;
 extern const ak_isa_table ak_portable_table;
+extern const ak_isa_table ak_avx2_table;
 extern const ak_isa_table ak_avx512_table;
 const ak_isa_table* ak_table(void);
 
-/* Instruction set in use: 1 = AVX-512, 0 = portable. */
+/* Instruction set in use: the best the CPU has, at most ak_isa_cap (ACCELKIT_KERNEL_ISA), or
+ * portable when forced (ACCELKIT_PORTABLE_KERNELS). */
+enum { AK_ISA_PORTABLE = 0, AK_ISA_AVX2 = 1, AK_ISA_AVX512 = 2 };
 int ak_isa(void);
 extern int ak_force_portable;
+extern int ak_isa_cap;
 
 #ifdef __cplusplus
 }

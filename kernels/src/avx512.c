@@ -399,5 +399,93 @@ static void dw_nhwc_row_avx512(const float* x, const float* w, const ak_conv_geo
   }
 }
 
+/* ---- Winograd F(4x4, 3x3) transforms (channels last: 16 channels per vector) --------------- */
+
+/* r = B^T d over 6 vectors (Lavin & Gray's F(4, 3) points 0, +-1, +-2, inf) */
+AK_INLINE void wino_bt6(const __m512 d0, const __m512 d1, const __m512 d2, const __m512 d3,
+                        const __m512 d4, const __m512 d5, __m512 r[6]) {
+  const __m512 four = _mm512_set1_ps(4.f), five = _mm512_set1_ps(5.f), two = _mm512_set1_ps(2.f);
+  r[0] = _mm512_fmadd_ps(four, d0, _mm512_fnmadd_ps(five, d2, d4));
+  r[1] = _mm512_fnmadd_ps(four, _mm512_add_ps(d1, d2), _mm512_add_ps(d3, d4));
+  r[2] = _mm512_fmadd_ps(four, _mm512_sub_ps(d1, d2), _mm512_sub_ps(d4, d3));
+  r[3] = _mm512_fmadd_ps(two, _mm512_sub_ps(d3, d1), _mm512_sub_ps(d4, d2));
+  r[4] = _mm512_fnmadd_ps(two, _mm512_sub_ps(d3, d1), _mm512_sub_ps(d4, d2));
+  r[5] = _mm512_fmadd_ps(four, d1, _mm512_fnmadd_ps(five, d3, d5));
+}
+
+/* o = A^T m over 6 vectors -> 4 */
+AK_INLINE void wino_at6(const __m512 m0, const __m512 m1, const __m512 m2, const __m512 m3,
+                        const __m512 m4, const __m512 m5, __m512 o[4]) {
+  const __m512 s12 = _mm512_add_ps(m1, m2), d12 = _mm512_sub_ps(m1, m2);
+  const __m512 s34 = _mm512_add_ps(m3, m4), d34 = _mm512_sub_ps(m3, m4);
+  o[0] = _mm512_add_ps(_mm512_add_ps(m0, s12), s34);
+  o[1] = _mm512_fmadd_ps(_mm512_set1_ps(2.f), d34, d12);
+  o[2] = _mm512_fmadd_ps(_mm512_set1_ps(4.f), s34, s12);
+  o[3] = _mm512_add_ps(_mm512_fmadd_ps(_mm512_set1_ps(8.f), d34, d12), m5);
+}
+
+static void wino_in_avx512(const float* x, int64_t H, int64_t W, int64_t C, int64_t iy0,
+                           int64_t ix0, float* v, int64_t vstride) {
+  int rows = 0, cols = 0; /* bit i: patch row / column i lies inside the input */
+  for (int i = 0; i < 6; ++i) {
+    if (iy0 + i >= 0 && iy0 + i < H) rows |= 1 << i;
+    if (ix0 + i >= 0 && ix0 + i < W) cols |= 1 << i;
+  }
+  for (int64_t c0 = 0; c0 < C; c0 += 16) {
+    const __mmask16 m = tail_mask(C - c0);
+    __m512 t[6][6]; /* t[i][j] = (B^T d)[i][j] */
+    for (int j = 0; j < 6; ++j) {
+      __m512 d[6];
+      const int col = (cols >> j) & 1;
+#pragma GCC unroll 6
+      for (int i = 0; i < 6; ++i)
+        d[i] = col && ((rows >> i) & 1)
+                   ? _mm512_maskz_loadu_ps(m, x + ((iy0 + i) * W + ix0 + j) * C + c0)
+                   : _mm512_setzero_ps();
+      __m512 r[6];
+      wino_bt6(d[0], d[1], d[2], d[3], d[4], d[5], r);
+#pragma GCC unroll 6
+      for (int i = 0; i < 6; ++i) t[i][j] = r[i];
+    }
+#pragma GCC unroll 6
+    for (int i = 0; i < 6; ++i) {
+      __m512 r[6];
+      wino_bt6(t[i][0], t[i][1], t[i][2], t[i][3], t[i][4], t[i][5], r);
+#pragma GCC unroll 6
+      for (int j = 0; j < 6; ++j) _mm512_mask_storeu_ps(v + (i * 6 + j) * vstride + c0, m, r[j]);
+    }
+  }
+}
+
+static void wino_out_avx512(const float* mt, int64_t mstride, int64_t nc, float* out,
+                            const float* res, int64_t OH, int64_t OW, int64_t ldo, int64_t oy0,
+                            int64_t ox0, const float* bias, const ak_epilogue* epi) {
+  const int64_t ny = OH - oy0 < 4 ? OH - oy0 : 4, nx = OW - ox0 < 4 ? OW - ox0 : 4;
+  for (int64_t c0 = 0; c0 < nc; c0 += 16) {
+    const __mmask16 m = tail_mask(nc - c0);
+    __m512 s[4][6]; /* s[i][j] = (A^T M)[i][j] */
+#pragma GCC unroll 6
+    for (int j = 0; j < 6; ++j) {
+      const float* p = mt + j * mstride + c0;
+      __m512 o[4];
+      wino_at6(_mm512_loadu_ps(p), _mm512_loadu_ps(p + 6 * mstride),
+               _mm512_loadu_ps(p + 12 * mstride), _mm512_loadu_ps(p + 18 * mstride),
+               _mm512_loadu_ps(p + 24 * mstride), _mm512_loadu_ps(p + 30 * mstride), o);
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) s[i][j] = o[i];
+    }
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + c0) : _mm512_setzero_ps();
+    for (int64_t i = 0; i < ny; ++i) {
+      __m512 y[4];
+      wino_at6(s[i][0], s[i][1], s[i][2], s[i][3], s[i][4], s[i][5], y);
+      for (int64_t j = 0; j < nx; ++j) {
+        const int64_t at = ((oy0 + i) * OW + ox0 + j) * ldo + c0;
+        _mm512_mask_storeu_ps(out + at, m, v_epi(y[j], b, res ? res + at : NULL, m, epi));
+      }
+    }
+  }
+}
+
 const ak_isa_table ak_avx512_table = {ukr_avx512, im2col_avx512, dw_plane_avx512, row_epi_avx512, layer_norm_row_avx512,
-                                      softmax_row_avx512, dw_nhwc_row_avx512};
+                                      softmax_row_avx512, dw_nhwc_row_avx512,
+                                      wino_in_avx512, wino_out_avx512};

@@ -346,7 +346,9 @@ static int ak_conv2d(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* re
 /* conv2d_nhwc(x[N, H, W, C], w, bias[Cout] | [0], res | [0], groups, SH, SW, PH, PW, DH, DW,
  *             act, res_mode, lo, hi, scale, out[N, OH, OW, Cout]), channels last. w is packed
  *             [groups, ceil(Cout/groups/NR), KH, KW, C/groups, NR] (the GEMM path), or, for a
- *             depthwise conv (groups == C == Cout), [KH, KW, C]. Pads as in conv2d. */
+ *             depthwise conv (groups == C == Cout), [KH, KW, C], or, for a 3x3 stride-1
+ *             undilated ungrouped conv, Winograd-transformed [36, ceil(Cout/NR), C, NR]. Pads
+ *             as in conv2d. */
 static int ak_conv2d_nhwc(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
   (void)self; (void)result;
   ak_call c = {"accelkit.cpu.conv2d_nhwc", args, n};
@@ -393,10 +395,23 @@ static int ak_conv2d_nhwc(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAn
     AK_TRY(ak_aligned(&c, w, "packed w"));
     kh = w->shape[2];
     kw = w->shape[3];
+  } else if (w->ndim == 4) {
+    const int64_t tiles = (cout + AK_NR - 1) / AK_NR;
+    if (w->shape[0] != 36 || w->shape[1] != tiles || w->shape[2] != C || w->shape[3] != AK_NR)
+      return ak_fail(&c, "ValueError", "a rank-4 w is the Winograd F(4x4, 3x3) form: it must be "
+                     "[36, %lld, %lld, %d] for %lld input and %lld output channels", (long long)tiles,
+                     (long long)C, AK_NR, (long long)C, (long long)cout);
+    AK_TRY(ak_aligned(&c, w, "Winograd w"));
+    kh = kw = 3;
   } else {
-    return ak_fail(&c, "ValueError", "w must be packed (rank 6) or depthwise [KH, KW, C] (rank "
-                   "3), not rank %d", (int)w->ndim);
+    return ak_fail(&c, "ValueError", "w must be packed (rank 6), Winograd-transformed (rank 4) "
+                   "or depthwise [KH, KW, C] (rank 3), not rank %d", (int)w->ndim);
   }
+  if (w->ndim == 4 && (groups != 1 || v[0] != 1 || v[1] != 1 || v[4] != 1 || v[5] != 1))
+    return ak_fail(&c, "ValueError", "the Winograd form is for ungrouped, stride-1, undilated "
+                   "3x3 convolutions (got groups=%lld, strides %lldx%lld, dilations %lldx%lld)",
+                   (long long)groups, (long long)v[0], (long long)v[1], (long long)v[4],
+                   (long long)v[5]);
   if (kh < 1 || kw < 1)
     return ak_fail(&c, "ValueError", "the kernel window must be at least 1x1");
   if (out->shape[0] != N)
@@ -411,6 +426,8 @@ static int ak_conv2d_nhwc(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAn
   const float* r = e.res_mode ? AK_DATA(res) : NULL;
   if (depthwise)
     ak_depthwise_nhwc_f32(AK_DATA(x), AK_DATA(w), b, r, AK_DATA(out), N, C, &g, e, tune.threads);
+  else if (w->ndim == 4)
+    ak_conv2d_nhwc_wino_f32(AK_DATA(x), AK_DATA(w), b, r, AK_DATA(out), N, &g, cout, e, tune);
   else
     ak_conv2d_nhwc_f32(AK_DATA(x), AK_DATA(w), b, r, AK_DATA(out), N, groups, &g, cout, e, tune);
   return 0;
@@ -478,6 +495,11 @@ int ak_register_all(void) {
   };
   const char* portable = getenv("ACCELKIT_PORTABLE_KERNELS");
   ak_force_portable = portable != NULL && portable[0] != '\0' && strcmp(portable, "0") != 0;
+  /* the most the dispatch may use (accelkit.kernels checks the value and names the choices) */
+  const char* cap = getenv("ACCELKIT_KERNEL_ISA");
+  ak_isa_cap = cap && strcmp(cap, "portable") == 0 ? AK_ISA_PORTABLE
+               : cap && strcmp(cap, "avx2") == 0   ? AK_ISA_AVX2
+                                                   : AK_ISA_AVX512;
   for (size_t i = 0; i < sizeof(table) / sizeof(table[0]); ++i)
     if (ak_register_one(table[i].name, table[i].fn)) return -1;
   return (int)(sizeof(table) / sizeof(table[0]));

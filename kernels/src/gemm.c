@@ -5,17 +5,25 @@
 #include "ak_kernels.h"
 
 int ak_force_portable = 0;
+int ak_isa_cap = AK_ISA_AVX512;
 
 /* ---- ISA dispatch ------------------------------------------------------------------------ */
 
 int ak_isa(void) {
-  if (ak_force_portable) return 0;
+  if (ak_force_portable) return AK_ISA_PORTABLE;
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") ? 1 : 0;
+  const int cpu = __builtin_cpu_supports("avx512f") ? AK_ISA_AVX512
+                  : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? AK_ISA_AVX2
+                                                                                     : AK_ISA_PORTABLE;
+  return cpu < ak_isa_cap ? cpu : ak_isa_cap;
 }
 
 const ak_isa_table* ak_table(void) {
-  return ak_isa() ? &ak_avx512_table : &ak_portable_table;
+  switch (ak_isa()) {
+    case AK_ISA_AVX512: return &ak_avx512_table;
+    case AK_ISA_AVX2: return &ak_avx2_table;
+    default: return &ak_portable_table;
+  }
 }
 
 /* ---- threads ----------------------------------------------------------------------------- */
@@ -519,6 +527,108 @@ void ak_conv2d_nhwc_f32(const float* x, const float* w, const float* bias, const
     j.w = w + grp * wstride;
     ak_parallel_range_n(nhwc_range, &j, blocks * j.ngroups, (int)threads);
   }
+}
+
+/* ---- convolution, NHWC, Winograd F(4x4, 3x3) --------------------------------------------- */
+
+typedef struct {
+  const float *x, *u, *bias, *res;
+  float* out;
+  const ak_conv_geom* g;
+  ak_epilogue epi;
+  const ak_isa_table* isa;
+  int64_t cout, P, TH, TW, T, tb, ppg, ngroups, ldm;
+} ak_wino_job;
+
+/* Work item = (block of tb tiles, group of ppg weight panels); a thread's consecutive items
+ * share a block, whose input transform V[36][tb][C] is computed once. Per item: 36 GEMMs
+ * M[xi][tiles][cols] = V[xi] @ U[xi] over the group's panels (raw partial products), then the
+ * output transform of the group's channels with the epilogue. */
+static void wino_range(int64_t begin, int64_t end, void* ctx) {
+  const ak_wino_job* j = (const ak_wino_job*)ctx;
+  const ak_conv_geom* g = j->g;
+  const int64_t C = g->C, vstride = j->tb * C, mstride = j->tb * j->ldm, tiles = j->TH * j->TW;
+  float* v = ak_scratch((size_t)(36 * (vstride + mstride)));
+  if (!v) return; /* out of memory: leave the output as is */
+  float* m = v + 36 * vstride;
+  ak_epilogue raw;
+  memset(&raw, 0, sizeof(raw));
+  raw.raw = 1;
+  raw.scale = 1.f;
+  int64_t done = -1;
+  for (int64_t idx = begin; idx < end; ++idx) {
+    const int64_t blk = idx / j->ngroups, pg = idx % j->ngroups;
+    const int64_t t0 = blk * j->tb, nt = j->T - t0 < j->tb ? j->T - t0 : j->tb;
+    if (blk != done) {
+      for (int64_t t = 0; t < nt; ++t) {
+        const int64_t tile = t0 + t, img = tile / tiles, ty = (tile % tiles) / j->TW,
+                      tx = tile % j->TW;
+        j->isa->wino_in(j->x + img * g->H * g->W * C, g->H, g->W, C, ty * 4 - g->PH,
+                        tx * 4 - g->PW, v + t * C, vstride);
+      }
+      done = blk;
+    }
+    const int64_t p0 = pg * j->ppg, p1 = p0 + j->ppg < j->P ? p0 + j->ppg : j->P;
+    for (int64_t xi = 0; xi < 36; ++xi) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const float* panel = j->u + (xi * j->P + p) * C * AK_NR;
+        for (int64_t r0 = 0; r0 < nt; r0 += AK_MR) {
+          const int mr = (int)(nt - r0 < AK_MR ? nt - r0 : AK_MR);
+          j->isa->ukr(mr, C, v + xi * vstride + r0 * C, C, panel,
+                      m + xi * mstride + r0 * j->ldm + (p - p0) * AK_NR, j->ldm, AK_NR, NULL,
+                      NULL, NULL, 0, &raw);
+        }
+      }
+    }
+    const int64_t col0 = p0 * AK_NR, nc = (p1 * AK_NR < j->cout ? p1 * AK_NR : j->cout) - col0;
+    const int64_t img_out = g->OH * g->OW * j->cout;
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t tile = t0 + t, img = tile / tiles, ty = (tile % tiles) / j->TW,
+                    tx = tile % j->TW;
+      j->isa->wino_out(m + t * j->ldm, mstride, nc, j->out + img * img_out + col0,
+                       j->res ? j->res + img * img_out + col0 : NULL, g->OH, g->OW, j->cout,
+                       ty * 4, tx * 4, j->bias ? j->bias + col0 : NULL, &j->epi);
+    }
+  }
+}
+
+void ak_conv2d_nhwc_wino_f32(const float* x, const float* u, const float* bias, const float* res,
+                             float* out, int64_t n, const ak_conv_geom* g, int64_t cout,
+                             ak_epilogue epi, ak_tuning tune) {
+  ak_wino_job j;
+  memset(&j, 0, sizeof(j));
+  j.x = x; j.u = u; j.bias = bias; j.res = res; j.out = out; j.g = g; j.epi = epi;
+  j.isa = ak_table();
+  j.cout = cout;
+  j.P = (cout + AK_NR - 1) / AK_NR;
+  j.TH = (g->OH + 3) / 4;
+  j.TW = (g->OW + 3) / 4;
+  j.T = n * j.TH * j.TW;
+  if (j.T <= 0 || j.P <= 0 || g->C <= 0) return;
+  const int pool = ak_num_threads();
+  const int64_t threads = tune.threads > 0 && tune.threads < pool ? tune.threads : pool;
+  /* tiles per block: V (36 x C floats a tile) about 128 KB, so it stays in L2 while the weight
+   * panels sweep it; whole micro-tiles of rows */
+  int64_t tb = (131072 / (36 * 4 * g->C) + AK_MR / 2) / AK_MR * AK_MR;
+  tb = tb < AK_MR ? AK_MR : (tb > 64 ? 64 : tb);
+  int64_t blocks = (j.T + tb - 1) / tb;
+  /* equal blocks, a multiple of the threads in number; one block stays one (the threads split
+   * the panels instead: the weights are read once, not once per block) */
+  if (blocks > 1) blocks = (blocks + threads - 1) / threads * threads;
+  if (blocks > j.T) blocks = j.T;
+  j.tb = (j.T + blocks - 1) / blocks;
+  blocks = (j.T + j.tb - 1) / j.tb;
+  const int64_t want = (tune.grain > 0 ? tune.grain : 4) * threads;
+  int64_t ng = blocks >= want ? 1 : (want + blocks - 1) / blocks;
+  if (ng > j.P) ng = j.P;
+  j.ppg = (j.P + ng - 1) / ng;
+  /* M (36 x the group's columns a tile) about 256 KB as well */
+  int64_t ppg_max = 65536 / (36 * j.tb * AK_NR);
+  if (ppg_max < 1) ppg_max = 1;
+  if (j.ppg > ppg_max) j.ppg = ppg_max;
+  j.ngroups = (j.P + j.ppg - 1) / j.ppg;
+  j.ldm = j.ppg * AK_NR;
+  ak_parallel_range_n(wino_range, &j, blocks * j.ngroups, (int)threads);
 }
 
 typedef struct {

@@ -110,5 +110,69 @@ void ak_dw_nhwc_row_portable(const float* x, const float* w, const ak_conv_geom*
   }
 }
 
+/* Winograd F(4x4, 3x3) transforms, one channel at a time (the AVX-512 twins do 16). */
+static void wino_bt6_1(const float d[6], float r[6]) {
+  r[0] = 4.f * d[0] - 5.f * d[2] + d[4];
+  r[1] = (d[3] + d[4]) - 4.f * (d[1] + d[2]);
+  r[2] = (d[4] - d[3]) + 4.f * (d[1] - d[2]);
+  r[3] = (d[4] - d[2]) + 2.f * (d[3] - d[1]);
+  r[4] = (d[4] - d[2]) - 2.f * (d[3] - d[1]);
+  r[5] = 4.f * d[1] - 5.f * d[3] + d[5];
+}
+
+static void wino_at6_1(const float m[6], float o[4]) {
+  const float s12 = m[1] + m[2], d12 = m[1] - m[2], s34 = m[3] + m[4], d34 = m[3] - m[4];
+  o[0] = m[0] + s12 + s34;
+  o[1] = d12 + 2.f * d34;
+  o[2] = s12 + 4.f * s34;
+  o[3] = d12 + 8.f * d34 + m[5];
+}
+
+void ak_wino_in_portable(const float* x, int64_t H, int64_t W, int64_t C, int64_t iy0,
+                         int64_t ix0, float* v, int64_t vstride) {
+  for (int64_t c = 0; c < C; ++c) {
+    float t[6][6];
+    for (int j = 0; j < 6; ++j) {
+      float d[6], r[6];
+      const int64_t ix = ix0 + j;
+      for (int i = 0; i < 6; ++i) {
+        const int64_t iy = iy0 + i;
+        d[i] = iy >= 0 && iy < H && ix >= 0 && ix < W ? x[(iy * W + ix) * C + c] : 0.f;
+      }
+      wino_bt6_1(d, r);
+      for (int i = 0; i < 6; ++i) t[i][j] = r[i];
+    }
+    for (int i = 0; i < 6; ++i) {
+      float r[6];
+      wino_bt6_1(t[i], r);
+      for (int j = 0; j < 6; ++j) v[(i * 6 + j) * vstride + c] = r[j];
+    }
+  }
+}
+
+void ak_wino_out_portable(const float* mt, int64_t mstride, int64_t nc, float* out,
+                          const float* res, int64_t OH, int64_t OW, int64_t ldo, int64_t oy0,
+                          int64_t ox0, const float* bias, const ak_epilogue* epi) {
+  const int64_t ny = OH - oy0 < 4 ? OH - oy0 : 4, nx = OW - ox0 < 4 ? OW - ox0 : 4;
+  for (int64_t c = 0; c < nc; ++c) {
+    float s[4][6];
+    for (int j = 0; j < 6; ++j) {
+      float m[6], o[4];
+      for (int i = 0; i < 6; ++i) m[i] = mt[(i * 6 + j) * mstride + c];
+      wino_at6_1(m, o);
+      for (int i = 0; i < 4; ++i) s[i][j] = o[i];
+    }
+    for (int64_t i = 0; i < ny; ++i) {
+      float y[4];
+      wino_at6_1(s[i], y);
+      for (int64_t j = 0; j < nx; ++j) {
+        const int64_t at = ((oy0 + i) * OW + ox0 + j) * ldo;
+        out[at + c] = epi1(y[j], bias ? bias[c] : 0.f, res ? res + at : NULL, c, epi);
+      }
+    }
+  }
+}
+
 const ak_isa_table ak_portable_table = {ukr_portable, ak_im2col_portable, NULL, row_epi_portable, layer_norm_row_portable,
-                                        softmax_row_portable, ak_dw_nhwc_row_portable};
+                                        softmax_row_portable, ak_dw_nhwc_row_portable,
+                                        ak_wino_in_portable, ak_wino_out_portable};
