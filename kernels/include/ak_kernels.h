@@ -205,6 +205,7 @@ typedef struct {
   ak_dw_nhwc_row_fn dw_nhwc_row;
   ak_wino_in_fn wino_in;
   ak_wino_out_fn wino_out;
+  int rows; /* rows ukr takes in one call with a row-major A (lda > 0); packed A: AK_MR */
 } ak_isa_table;
 extern const ak_isa_table ak_portable_table;
 extern const ak_isa_table ak_avx2_table;

@@ -247,7 +247,9 @@ AK_INLINE void ukr_part(const int R, const int V, const int APACK, int64_t K, co
   }
 }
 
-/* The MR x NR tile as two 16-column halves, each in row chunks of 6 + 2 (8 rows). */
+/* mr rows (up to 24 with a row-major A, AK_MR with a packed one) x NR columns: two 16-column
+ * halves, each in row chunks of 6 (the driver's calls take 24 rows, so a 2-row remainder only
+ * comes at the end of a block). */
 static void ukr_avx2(int mr, int64_t K, const float* a, int64_t lda, const float* bp, float* c,
                      int64_t ldc, int nv, const float* bias_col, const float* bias_row,
                      const float* res, int64_t ldr, const ak_epilogue* epi) {
@@ -354,13 +356,38 @@ static void softmax_row_avx2(const float* x, const float* gamma, const float* be
   }
 }
 
+/* The epilogue of a vector of outputs: the common conv case (bias, then none/relu/clip, no
+ * residual) branch-free, the rest through v_epi. */
+typedef struct {
+  __m256 lo, hi, scale;
+  int simple;
+} ak_epi8;
+
+AK_INLINE ak_epi8 epi8_setup(const ak_epilogue* e) {
+  ak_epi8 r;
+  r.simple = e->act <= AK_ACT_CLIP && e->res_mode == AK_RES_NONE;
+  r.lo = _mm256_set1_ps(e->act == AK_ACT_RELU ? 0.f : e->act == AK_ACT_CLIP ? e->lo : -INFINITY);
+  r.hi = _mm256_set1_ps(e->act == AK_ACT_CLIP ? e->hi : INFINITY);
+  r.scale = _mm256_set1_ps(e->scale);
+  return r;
+}
+
+AK_INLINE __m256 epi8_apply(const ak_epi8* s, __m256 v, __m256 bias, const float* res, ak_m8 m,
+                            const ak_epilogue* e) {
+  if (s->simple)
+    return _mm256_min_ps(s->hi, _mm256_max_ps(s->lo, _mm256_fmadd_ps(v, s->scale, bias)));
+  return v_epi(v, bias, res, m, e);
+}
+
 /* NHWC depthwise: one output pixel, NV vectors of 8 channels from c0 (the last one masked by
  * `last`), over the taps [ky0, ky1) x [kx0, kx1) inside the input; epilogue on the accumulators. */
-AK_INLINE void dw_pixel(const int NV, const int FULL3, ak_m8 last, const float* xrow,
-                        const float* wrow, int64_t C, int64_t rowstep, int64_t colstep,
-                        int64_t KW, int64_t ky0, int64_t ky1, int64_t kx0, int64_t kx1,
-                        const float* bias, const float* res, float* out,
-                        const ak_epilogue* epi) {
+AK_INLINE void dw_pixel(const int NV, const int FULL3, const int MASKED, ak_m8 last,
+                        const float* xrow, const float* wrow, int64_t C, int64_t rowstep,
+                        int64_t colstep, int64_t KW, int64_t ky0, int64_t ky1, int64_t kx0,
+                        int64_t kx1, const float* bias, const float* res, float* out,
+                        const ak_epi8* s, const ak_epilogue* epi) {
+  /* only the last vector of a masked chunk takes the (slower) masked loads and store */
+#define AK_LD(p, j) (MASKED && (j) == NV - 1 ? _mm256_maskload_ps((p), last.m) : _mm256_loadu_ps(p))
   __m256 acc[4];
   const ak_m8 full = tail8(8);
 #pragma GCC unroll 4
@@ -377,18 +404,67 @@ AK_INLINE void dw_pixel(const int NV, const int FULL3, ak_m8 last, const float* 
       const float* src = xr + kx * colstep;
       const float* wt = wr + kx * C;
 #pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) {
-        const ak_m8 m = j == NV - 1 ? last : full;
-        acc[j] = _mm256_fmadd_ps(load8(src + 8 * j, m), load8(wt + 8 * j, m), acc[j]);
-      }
+      for (int j = 0; j < NV; ++j)
+        acc[j] = _mm256_fmadd_ps(AK_LD(src + 8 * j, j), AK_LD(wt + 8 * j, j), acc[j]);
     }
   }
 #pragma GCC unroll 4
   for (int j = 0; j < NV; ++j) {
-    const ak_m8 m = j == NV - 1 ? last : full;
-    const __m256 b = bias ? load8(bias + 8 * j, m) : _mm256_setzero_ps();
-    store8(out + 8 * j, m, v_epi(acc[j], b, res ? res + 8 * j : NULL, m, epi));
+    const ak_m8 m = MASKED && j == NV - 1 ? last : full;
+    const __m256 b = bias ? AK_LD(bias + 8 * j, j) : _mm256_setzero_ps();
+    store8(out + 8 * j, m, epi8_apply(s, acc[j], b, res ? res + 8 * j : NULL, m, epi));
   }
+#undef AK_LD
+}
+
+/* Four adjacent output pixels of a 3-wide, stride-1, undilated window, all taps of each row
+ * inside the input: per 8 channels, the six input columns of a row are loaded once and used by
+ * up to three pixels, the three weights once for all four (13 registers). FULL: whole vectors
+ * (plain loads), else the masked tail. */
+AK_INLINE void dw_quad_chunk(const int FULL, ak_m8 m, const float* xrow, const float* w,
+                             int64_t C, int64_t rowstep, int64_t ky0, int64_t ky1,
+                             const float* bias, const float* res, float* out, const ak_epi8* s,
+                             const ak_epilogue* epi) {
+#define AK_LD(p) (FULL ? _mm256_loadu_ps(p) : _mm256_maskload_ps((p), m.m))
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t ky = ky0; ky < ky1; ++ky) {
+    const float* xr = xrow + ky * rowstep;
+    const float* wr = w + ky * 3 * C;
+    const __m256 w0 = AK_LD(wr), w1 = AK_LD(wr + C), w2 = AK_LD(wr + 2 * C);
+    const __m256 x0 = AK_LD(xr), x1 = AK_LD(xr + C), x2 = AK_LD(xr + 2 * C);
+    const __m256 x3 = AK_LD(xr + 3 * C), x4 = AK_LD(xr + 4 * C), x5 = AK_LD(xr + 5 * C);
+    a0 = _mm256_fmadd_ps(x0, w0, a0);
+    a1 = _mm256_fmadd_ps(x1, w0, a1);
+    a2 = _mm256_fmadd_ps(x2, w0, a2);
+    a3 = _mm256_fmadd_ps(x3, w0, a3);
+    a0 = _mm256_fmadd_ps(x1, w1, a0);
+    a1 = _mm256_fmadd_ps(x2, w1, a1);
+    a2 = _mm256_fmadd_ps(x3, w1, a2);
+    a3 = _mm256_fmadd_ps(x4, w1, a3);
+    a0 = _mm256_fmadd_ps(x2, w2, a0);
+    a1 = _mm256_fmadd_ps(x3, w2, a1);
+    a2 = _mm256_fmadd_ps(x4, w2, a2);
+    a3 = _mm256_fmadd_ps(x5, w2, a3);
+  }
+  const __m256 b = bias ? AK_LD(bias) : _mm256_setzero_ps();
+#undef AK_LD
+  const __m256 acc[4] = {a0, a1, a2, a3};
+#pragma GCC unroll 4
+  for (int p = 0; p < 4; ++p)
+    store8(out + p * C, m, epi8_apply(s, acc[p], b, res ? res + p * C : NULL, m, epi));
+}
+
+static void dw_quad_s1(const float* xrow, const float* w, int64_t C, int64_t rowstep,
+                       int64_t ky0, int64_t ky1, const float* bias, const float* res, float* out,
+                       const ak_epi8* s, const ak_epilogue* epi) {
+  int64_t c0 = 0;
+  const ak_m8 all = tail8(8);
+  for (; c0 + 8 <= C; c0 += 8)
+    dw_quad_chunk(1, all, xrow + c0, w + c0, C, rowstep, ky0, ky1, bias ? bias + c0 : NULL,
+                  res ? res + c0 : NULL, out + c0, s, epi);
+  if (c0 < C)
+    dw_quad_chunk(0, tail8(C - c0), xrow + c0, w + c0, C, rowstep, ky0, ky1,
+                  bias ? bias + c0 : NULL, res ? res + c0 : NULL, out + c0, s, epi);
 }
 
 static void dw_nhwc_row_avx2(const float* x, const float* w, const ak_conv_geom* g,
@@ -399,8 +475,16 @@ static void dw_nhwc_row_avx2(const float* x, const float* w, const ak_conv_geom*
   while (ky0 < ky1 && iy0 + ky0 * g->DH < 0) ++ky0;
   while (ky1 > ky0 && iy0 + (ky1 - 1) * g->DH >= g->H) --ky1;
   const int64_t rowstep = g->DH * g->W * C, colstep = g->DW * C;
+  const int quads = g->KW == 3 && g->SW == 1 && g->DW == 1;
+  const ak_epi8 e8 = epi8_setup(epi);
   for (int64_t ox = 0; ox < g->OW; ++ox) {
     const int64_t ix0 = ox * g->SW - g->PW;
+    if (quads && ix0 >= 0 && ox + 3 < g->OW && ix0 + 3 + 2 < g->W) {
+      dw_quad_s1(x + (iy0 * g->W + ix0) * C, w, C, rowstep, ky0, ky1, bias,
+                 res ? res + ox * C : NULL, out + ox * C, &e8, epi);
+      ox += 3;
+      continue;
+    }
     const int64_t kx0 = ix0 < 0 ? (-ix0 + g->DW - 1) / g->DW : 0;
     int64_t kx1 = ix0 > g->W - 1 ? 0 : (g->W - 1 - ix0) / g->DW + 1;
     if (kx1 > g->KW) kx1 = g->KW;
@@ -412,23 +496,27 @@ static void dw_nhwc_row_avx2(const float* x, const float* w, const ak_conv_geom*
       const int64_t left = C - c0;
       const int nv = left >= 32 ? 4 : (int)((left + 7) / 8);
       const ak_m8 last = tail8(left - 8 * (nv - 1));
-#define AK_DW(n, f3)                                                                          \
-  dw_pixel(n, f3, last, xrow + c0, w + c0, C, rowstep, colstep, g->KW, ky0, ky1, kx0, kx1,    \
-           bias ? bias + c0 : NULL, r ? r + c0 : NULL, o + c0, epi)
-      if (full3) {
-        switch (nv) {
-          case 4: AK_DW(4, 1); break;
-          case 3: AK_DW(3, 1); break;
-          case 2: AK_DW(2, 1); break;
-          default: AK_DW(1, 1); break;
-        }
-      } else {
-        switch (nv) {
-          case 4: AK_DW(4, 0); break;
-          case 3: AK_DW(3, 0); break;
-          case 2: AK_DW(2, 0); break;
-          default: AK_DW(1, 0); break;
-        }
+#define AK_DW(n, f3, mk)                                                                      \
+  dw_pixel(n, f3, mk, last, xrow + c0, w + c0, C, rowstep, colstep, g->KW, ky0, ky1, kx0, kx1, \
+           bias ? bias + c0 : NULL, r ? r + c0 : NULL, o + c0, &e8, epi)
+      const int masked = (left & 7) != 0 && left < 32;
+      switch (nv * 4 + full3 * 2 + masked) {
+        case 19: AK_DW(4, 1, 1); break;
+        case 18: AK_DW(4, 1, 0); break;
+        case 17: AK_DW(4, 0, 1); break;
+        case 16: AK_DW(4, 0, 0); break;
+        case 15: AK_DW(3, 1, 1); break;
+        case 14: AK_DW(3, 1, 0); break;
+        case 13: AK_DW(3, 0, 1); break;
+        case 12: AK_DW(3, 0, 0); break;
+        case 11: AK_DW(2, 1, 1); break;
+        case 10: AK_DW(2, 1, 0); break;
+        case 9: AK_DW(2, 0, 1); break;
+        case 8: AK_DW(2, 0, 0); break;
+        case 7: AK_DW(1, 1, 1); break;
+        case 6: AK_DW(1, 1, 0); break;
+        case 5: AK_DW(1, 0, 1); break;
+        default: AK_DW(1, 0, 0); break;
       }
 #undef AK_DW
     }
@@ -521,4 +609,4 @@ static void wino_out_avx2(const float* mt, int64_t mstride, int64_t nc, float* o
 /* im2col (NCHW GEMM path) and the NCHW depthwise plane: the portable code (memory-bound) */
 const ak_isa_table ak_avx2_table = {ukr_avx2, ak_im2col_portable, NULL, row_epi_avx2,
                                     layer_norm_row_avx2, softmax_row_avx2, dw_nhwc_row_avx2,
-                                    wino_in_avx2, wino_out_avx2};
+                                    wino_in_avx2, wino_out_avx2, 24};

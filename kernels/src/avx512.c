@@ -488,4 +488,4 @@ static void wino_out_avx512(const float* mt, int64_t mstride, int64_t nc, float*
 
 const ak_isa_table ak_avx512_table = {ukr_avx512, im2col_avx512, dw_plane_avx512, row_epi_avx512, layer_norm_row_avx512,
                                       softmax_row_avx512, dw_nhwc_row_avx512,
-                                      wino_in_avx512, wino_out_avx512};
+                                      wino_in_avx512, wino_out_avx512, AK_MR};

@@ -190,6 +190,7 @@ typedef struct {
   ak_ukr_fn ukr;
   int64_t P, mchunks, mrows;
   int panels_inner; /* idx -> (batch, m chunk, panel) instead of (batch, panel, m chunk) */
+  int rows;         /* rows per micro-kernel call with a row-major A (the ISA's) */
 } ak_gemm_job;
 
 static void gemm_range(int64_t begin, int64_t end, void* ctx) {
@@ -237,8 +238,9 @@ static void gemm_range(int64_t begin, int64_t end, void* ctx) {
       ak_epilogue epi = g->epi;
       epi.accumulate = k0 > 0;
       epi.raw = k0 + kb < g->K;
-      for (int64_t m0 = m_begin; m0 < m_end; m0 += AK_MR) {
-        const int mr = (int)(m_end - m0 < AK_MR ? m_end - m0 : AK_MR);
+      const int64_t step = g->a_prepacked ? AK_MR : job->rows;
+      for (int64_t m0 = m_begin; m0 < m_end; m0 += step) {
+        const int mr = (int)(m_end - m0 < step ? m_end - m0 : step);
         const float* at = g->a_prepacked ? a + (m0 / AK_MR) * g->K * AK_MR + k0 * AK_MR
                                          : a + m0 * g->lda + k0;
         job->ukr(mr, kb, at, g->a_prepacked ? 0 : g->lda, panel + k0 * AK_NR, c + m0 * g->ldc,
@@ -296,6 +298,7 @@ void ak_gemm_f32(const ak_gemm* g) {
   job.g = g;
   job.pack = g->pack ? g->pack : pack_rowmajor;
   job.ukr = ak_table()->ukr;
+  job.rows = ak_table()->rows;
   job.P = (g->N + AK_NR - 1) / AK_NR;
   const int64_t mtiles = (g->M + AK_MR - 1) / AK_MR;
   const int pool = ak_num_threads();
@@ -382,6 +385,7 @@ typedef struct {
   int64_t cout;   /* channels of an output pixel (all groups) */
   int64_t group, coutg, M, K, kc, P, mb, ngroups, ppg;
   int direct;     /* 1x1, stride 1, no padding: x is A as it is */
+  int rows;       /* rows per micro-kernel call (the ISA's) */
 } ak_nhwc_job;
 
 /* A rows [m0, m0 + rows) of the implicit im2col matrix into dst[rows][K]: per tap, one run of
@@ -466,8 +470,8 @@ static void nhwc_range(int64_t begin, int64_t end, void* ctx) {
         const int nv = (int)(j->coutg - n0 < AK_NR ? j->coutg - n0 : AK_NR);
         const float* panel = j->w + p * j->K * AK_NR + k0 * AK_NR;
         const int64_t col = j->group * j->coutg + n0;
-        for (int64_t t0 = 0; t0 < rows; t0 += AK_MR) {
-          const int mr = (int)(rows - t0 < AK_MR ? rows - t0 : AK_MR);
+        for (int64_t t0 = 0; t0 < rows; t0 += j->rows) {
+          const int mr = (int)(rows - t0 < j->rows ? rows - t0 : j->rows);
           const int64_t row = m0 + t0;
           j->ukr(mr, kb, a + t0 * lda + k0, lda, panel, j->out + row * j->cout + col, j->cout,
                  nv, j->bias ? j->bias + col : NULL, NULL,
@@ -487,6 +491,7 @@ void ak_conv2d_nhwc_f32(const float* x, const float* w, const float* bias, const
   j.epi = epi;
   j.epi.bias_mode = bias ? AK_BIAS_COL : AK_BIAS_NONE;
   j.ukr = ak_table()->ukr;
+  j.rows = ak_table()->rows;
   j.xc = g->C * groups;
   j.cout = cout;
   j.coutg = cout / groups;
@@ -572,8 +577,8 @@ static void wino_range(int64_t begin, int64_t end, void* ctx) {
     for (int64_t xi = 0; xi < 36; ++xi) {
       for (int64_t p = p0; p < p1; ++p) {
         const float* panel = j->u + (xi * j->P + p) * C * AK_NR;
-        for (int64_t r0 = 0; r0 < nt; r0 += AK_MR) {
-          const int mr = (int)(nt - r0 < AK_MR ? nt - r0 : AK_MR);
+        for (int64_t r0 = 0; r0 < nt; r0 += j->isa->rows) {
+          const int mr = (int)(nt - r0 < j->isa->rows ? nt - r0 : j->isa->rows);
           j->isa->ukr(mr, C, v + xi * vstride + r0 * C, C, panel,
                       m + xi * mstride + r0 * j->ldm + (p - p0) * AK_NR, j->ldm, AK_NR, NULL,
                       NULL, NULL, 0, &raw);

@@ -175,4 +175,4 @@ void ak_wino_out_portable(const float* mt, int64_t mstride, int64_t nc, float* o
 
 const ak_isa_table ak_portable_table = {ukr_portable, ak_im2col_portable, NULL, row_epi_portable, layer_norm_row_portable,
                                         softmax_row_portable, ak_dw_nhwc_row_portable,
-                                        ak_wino_in_portable, ak_wino_out_portable};
+                                        ak_wino_in_portable, ak_wino_out_portable, AK_MR};
