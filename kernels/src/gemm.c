@@ -616,6 +616,9 @@ void ak_conv2d_nhwc_wino_f32(const float* x, const float* u, const float* bias, 
    * panels sweep it; whole micro-tiles of rows */
   int64_t tb = (131072 / (36 * 4 * g->C) + AK_MR / 2) / AK_MR * AK_MR;
   tb = tb < AK_MR ? AK_MR : (tb > 64 ? 64 : tb);
+  /* few tiles (14x14 and smaller images): one block, up to 640 KB of V, so the threads split the
+   * weight panels and U (4x the GEMM's weights) is read once, not once per block */
+  if (36 * 4 * g->C * j.T <= 655360) tb = j.T;
   int64_t blocks = (j.T + tb - 1) / tb;
   /* equal blocks, a multiple of the threads in number; one block stays one (the threads split
    * the panels instead: the weights are read once, not once per block) */
