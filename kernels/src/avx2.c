@@ -248,8 +248,8 @@ AK_INLINE void ukr_part(const int R, const int V, const int APACK, int64_t K, co
 }
 
 /* mr rows (up to 24 with a row-major A, AK_MR with a packed one) x NR columns: two 16-column
- * halves, each in row chunks of 6 (the driver's calls take 24 rows, so a 2-row remainder only
- * comes at the end of a block). */
+ * halves, each in row parts of at most 6 (the drivers split a block's rows into equal calls of
+ * up to 24, so parts of 1-3 rows, with too few accumulators to hide the FMA latency, are rare). */
 static void ukr_avx2(int mr, int64_t K, const float* a, int64_t lda, const float* bp, float* c,
                      int64_t ldc, int nv, const float* bias_col, const float* bias_row,
                      const float* res, int64_t ldr, const ak_epilogue* epi) {
@@ -258,8 +258,10 @@ static void ukr_avx2(int mr, int64_t K, const float* a, int64_t lda, const float
     const int nvh = nv - 16 * h > 16 ? 16 : nv - 16 * h;
     if (nvh <= 0) break;
     const int vecs = (nvh + 7) / 8;
-    for (int r0 = 0; r0 < mr; r0 += 6) {
-      const int rows = mr - r0 < 6 ? mr - r0 : 6;
+    /* parts of at most 6 rows, as equal as possible (8 rows: 4 + 4, not 6 + 2) */
+    const int parts = (mr + 5) / 6, base = parts ? mr / parts : 0, extra = parts ? mr % parts : 0;
+    for (int part = 0, r0 = 0; part < parts; ++part) {
+      const int rows = base + (part < extra);
       const float* ap = apack ? a + r0 : a + r0 * lda;
       const float* bph = bp + 16 * h;
       float* cp = c + r0 * ldc + 16 * h;
@@ -283,6 +285,7 @@ static void ukr_avx2(int mr, int64_t K, const float* a, int64_t lda, const float
       else { AK_ROWS(2, 0) }
 #undef AK_ROWS
 #undef AK_PART
+      r0 += rows;
     }
   }
 }

@@ -82,6 +82,14 @@ static float* ak_scratch(size_t floats) {
   return buf;
 }
 
+/* The row count of each micro-kernel call over `rows` rows, at most `step`, as equal as the
+ * calls allow: 49 rows in calls of at most 8 are 7 x 7, not 6 x 8 + 1 (a 1-row call streams
+ * the whole panel for one row). */
+static inline int64_t even_rows(int64_t rows, int64_t step) {
+  const int64_t calls = (rows + step - 1) / step;
+  return calls > 0 ? (rows + calls - 1) / calls : step;
+}
+
 /* ---- packing ----------------------------------------------------------------------------- */
 
 void ak_pack_b_f32(const float* b, int64_t K, int64_t N, int transposed, float* dst) {
@@ -238,7 +246,8 @@ static void gemm_range(int64_t begin, int64_t end, void* ctx) {
       ak_epilogue epi = g->epi;
       epi.accumulate = k0 > 0;
       epi.raw = k0 + kb < g->K;
-      const int64_t step = g->a_prepacked ? AK_MR : job->rows;
+      /* packed A comes in AK_MR-row micro-panels */
+      const int64_t step = g->a_prepacked ? AK_MR : even_rows(m_end - m_begin, job->rows);
       for (int64_t m0 = m_begin; m0 < m_end; m0 += step) {
         const int mr = (int)(m_end - m0 < step ? m_end - m0 : step);
         const float* at = g->a_prepacked ? a + (m0 / AK_MR) * g->K * AK_MR + k0 * AK_MR
@@ -470,8 +479,9 @@ static void nhwc_range(int64_t begin, int64_t end, void* ctx) {
         const int nv = (int)(j->coutg - n0 < AK_NR ? j->coutg - n0 : AK_NR);
         const float* panel = j->w + p * j->K * AK_NR + k0 * AK_NR;
         const int64_t col = j->group * j->coutg + n0;
-        for (int64_t t0 = 0; t0 < rows; t0 += j->rows) {
-          const int mr = (int)(rows - t0 < j->rows ? rows - t0 : j->rows);
+        const int64_t step = even_rows(rows, j->rows);
+        for (int64_t t0 = 0; t0 < rows; t0 += step) {
+          const int mr = (int)(rows - t0 < step ? rows - t0 : step);
           const int64_t row = m0 + t0;
           j->ukr(mr, kb, a + t0 * lda + k0, lda, panel, j->out + row * j->cout + col, j->cout,
                  nv, j->bias ? j->bias + col : NULL, NULL,
@@ -577,8 +587,9 @@ static void wino_range(int64_t begin, int64_t end, void* ctx) {
     for (int64_t xi = 0; xi < 36; ++xi) {
       for (int64_t p = p0; p < p1; ++p) {
         const float* panel = j->u + (xi * j->P + p) * C * AK_NR;
-        for (int64_t r0 = 0; r0 < nt; r0 += j->isa->rows) {
-          const int mr = (int)(nt - r0 < j->isa->rows ? nt - r0 : j->isa->rows);
+        const int64_t step = even_rows(nt, j->isa->rows);
+        for (int64_t r0 = 0; r0 < nt; r0 += step) {
+          const int mr = (int)(nt - r0 < step ? nt - r0 : step);
           j->isa->ukr(mr, C, v + xi * vstride + r0 * C, C, panel,
                       m + xi * mstride + r0 * j->ldm + (p - p0) * AK_NR, j->ldm, AK_NR, NULL,
                       NULL, NULL, 0, &raw);
