@@ -42,7 +42,7 @@ def num_threads():
     return ak_num_threads()
 
 
-ISAS = ("portable", "avx2", "avx512")  # ak_isa()'s codes
+from accelkit.kernels import ISAS  # ak_isa()'s codes, in order
 
 
 def isa():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-ISAS = ("portable", "avx2", "avx512")  # ACCELKIT_KERNEL_ISA's values, least to most
+ISAS = ("portable", "avx2", "avx512")  # ACCELKIT_KERNEL_ISA's values and ak_isa()'s codes, in order
 
 
 @functools.cache

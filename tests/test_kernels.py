@@ -152,6 +152,15 @@ def test_bmm(k, isa, trans_b, b_batch):
     close(out.numpy(), 0.125 * (a.astype(np.float64) @ b))
 
 
+def with_epilogue(want, r, act, res):
+    """The kernels' epilogue on a reference result: residual r before (res 1) or after (res 2)
+    the activation."""
+    if res == 1:
+        want = want + r
+    want = ACTS[act](want)
+    return want + r if res == 2 else want
+
+
 def conv_ref(x, w, b, stride, pads, dilation, groups):
     """Direct NCHW convolution in float64; pads = (top, left, bottom, right)."""
     n, c, h, wd = x.shape
@@ -207,11 +216,7 @@ def test_conv2d(k, isa, case, act, res, packed):
         w = pack_conv_weight(w, groups)  # the compiler's layout for the GEMM path (incl. groups)
     k("conv2d")(t(x), t(w), t(b), t(r) if res else none(), groups, *stride, pads[0], pads[1], *dil,
                 ACT_CODES[act], res, 0.0, 6.0, 1.0, out)
-    if res == 1:
-        want = want + r
-    want = ACTS[act](want)
-    if res == 2:
-        want = want + r
+    want = with_epilogue(want, r, act, res)
     close(out.numpy(), want)
 
 
@@ -245,11 +250,7 @@ def test_conv2d_nhwc(k, isa, case, act, res):
     k("conv2d_nhwc")(t(x.transpose(0, 2, 3, 1)), t(weight), t(b),
                      t(r.transpose(0, 2, 3, 1)) if res else none(), groups, *stride, pads[0], pads[1],
                      *dil, ACT_CODES[act], res, 0.0, 6.0, 1.0, out)
-    if res == 1:
-        want = want + r
-    want = ACTS[act](want)
-    if res == 2:
-        want = want + r
+    want = with_epilogue(want, r, act, res)
     close(out.numpy(), want.transpose(0, 2, 3, 1))
 
 
@@ -279,11 +280,7 @@ def test_conv2d_nhwc_winograd(k, isa, case, act, res):
     k("conv2d_nhwc")(t(x.transpose(0, 2, 3, 1)), t(winograd_weight_nhwc(w)), t(b),
                      t(r.transpose(0, 2, 3, 1)) if res else none(), 1, 1, 1, pads[0], pads[1], 1, 1,
                      ACT_CODES[act], res, 0.0, 6.0, 1.0, out)
-    if res == 1:
-        want = want + r
-    want = ACTS[act](want)
-    if res == 2:
-        want = want + r
+    want = with_epilogue(want, r, act, res)
     close(out.numpy(), want.transpose(0, 2, 3, 1))
 
 

@@ -556,16 +556,12 @@ class CPUBackend(TVMBackend):
     def target(self, options: CompileOptions):
         return host_target()
 
-    def patterns(self):
-        return (conv2d_nhwc_patterns() + conv2d_patterns() + dense_patterns() + bmm_patterns()
-                + norm_patterns())
+    def patterns(self, winograd: bool = True):
+        return (conv2d_nhwc_patterns(winograd=winograd) + conv2d_patterns() + dense_patterns()
+                + bmm_patterns() + norm_patterns())
 
     def patterns_for(self, options: CompileOptions):
-        winograd = _choice(options, "winograd", WINOGRAD)
-        if winograd == "auto":
-            return self.patterns()
-        return (conv2d_nhwc_patterns(winograd=False) + conv2d_patterns() + dense_patterns()
-                + bmm_patterns() + norm_patterns())
+        return self.patterns(winograd=_choice(options, "winograd", WINOGRAD) == "auto")
 
     def prepare(self, mod, options: CompileOptions):
         _choice(options, "winograd", WINOGRAD)  # refused before the long part, not after it

@@ -62,10 +62,11 @@ class KernelTask:
             dense = self.kernel == "accelkit.cpu.dense"
             conv = self.kernel == "accelkit.cpu.conv2d"
             nhwc = self.kernel == "accelkit.cpu.conv2d_nhwc"
-            depthwise = (conv and _is_depthwise(self.call)) or (nhwc and len(self.call.args[1].fields[1].ty.shape) == 3)
+            w_rank = len(self.call.args[1].fields[1].ty.shape)
+            depthwise = (conv and _is_depthwise(self.call)) or (nhwc and w_rank == 3)
             if depthwise:
                 return out + [pack_config(threads=t) for t in thread_options]
-            if nhwc and len(self.call.args[1].fields[1].ty.shape) == 4:  # Winograd: no K block
+            if nhwc and w_rank == 4:  # Winograd: no K block
                 return list(dict.fromkeys(out + [pack_config(threads, grain) for threads in thread_options
                                                  for grain in ((1,) if threads == 1 else (1, 2, 4, 8, 16))]))
             if nhwc:  # the NHWC driver's knobs: threads, work items per thread, K block

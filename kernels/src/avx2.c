@@ -108,6 +108,29 @@ AK_INLINE __m256 v_epi(__m256 v, __m256 bias, const float* res, ak_m8 m, const a
   return v;
 }
 
+/* The epilogue of a vector of outputs: the common conv case (bias, then none/relu/clip, no
+ * residual) branch-free, the rest through v_epi. */
+typedef struct {
+  __m256 lo, hi, scale;
+  int simple;
+} ak_epi8;
+
+AK_INLINE ak_epi8 epi8_setup(const ak_epilogue* e) {
+  ak_epi8 r;
+  r.simple = e->act <= AK_ACT_CLIP && e->res_mode == AK_RES_NONE;
+  r.lo = _mm256_set1_ps(e->act == AK_ACT_RELU ? 0.f : e->act == AK_ACT_CLIP ? e->lo : -INFINITY);
+  r.hi = _mm256_set1_ps(e->act == AK_ACT_CLIP ? e->hi : INFINITY);
+  r.scale = _mm256_set1_ps(e->scale);
+  return r;
+}
+
+AK_INLINE __m256 epi8_apply(const ak_epi8* s, __m256 v, __m256 bias, const float* res, ak_m8 m,
+                            const ak_epilogue* e) {
+  if (s->simple)
+    return _mm256_min_ps(s->hi, _mm256_max_ps(s->lo, _mm256_fmadd_ps(v, s->scale, bias)));
+  return v_epi(v, bias, res, m, e);
+}
+
 /* R rows (<= 6) x V vectors of 8 columns (V <= 2: one 16-column half of the NR = 32 panel) in
  * R*V ymm accumulators: per k, V panel loads, R broadcasts and R*V FMAs. 6 x 16 keeps 12
  * independent accumulators (the FMA latency on two pipes) + 2 panel vectors + 1 broadcast in the
@@ -218,31 +241,17 @@ AK_INLINE void ukr_part(const int R, const int V, const int APACK, int64_t K, co
   __m256 bc[2];
 #pragma GCC unroll 2
   for (int v = 0; v < V; ++v) bc[v] = bias_col ? load8(bias_col + 8 * v, m[v]) : _mm256_setzero_ps();
-  if (epi->act <= AK_ACT_CLIP && epi->res_mode == AK_RES_NONE) {
-    /* the common conv epilogues, branch-free per vector (a short K leaves the epilogue a large
-     * share of the call) */
-    const __m256 scale = _mm256_set1_ps(epi->scale);
-    const __m256 lo = _mm256_set1_ps(epi->act == AK_ACT_RELU ? 0.f : epi->lo);
-    const __m256 hi = _mm256_set1_ps(epi->act == AK_ACT_CLIP ? epi->hi : INFINITY);
-    const __m256 nolo = _mm256_set1_ps(-INFINITY);
-    const __m256 floor = epi->act == AK_ACT_NONE ? nolo : lo;
-#pragma GCC unroll 6
-    for (int i = 0; i < R; ++i)
-#pragma GCC unroll 2
-      for (int v = 0; v < V; ++v) {
-        const __m256 bias = bias_row ? _mm256_set1_ps(bias_row[i]) : bc[v];
-        const __m256 y = _mm256_fmadd_ps(acc[i][v], scale, bias);
-        store8(c + i * ldc + 8 * v, m[v], _mm256_min_ps(hi, _mm256_max_ps(floor, y)));
-      }
-    return;
-  }
+  /* the common conv epilogues are branch-free per vector (a short K leaves the epilogue a large
+   * share of the call) */
+  const ak_epi8 e8 = epi8_setup(epi);
 #pragma GCC unroll 6
   for (int i = 0; i < R; ++i) {
     const float* r = res ? res + i * ldr : NULL;
 #pragma GCC unroll 2
     for (int v = 0; v < V; ++v) {
       const __m256 bias = bias_row ? _mm256_set1_ps(bias_row[i]) : bc[v];
-      store8(c + i * ldc + 8 * v, m[v], v_epi(acc[i][v], bias, r ? r + 8 * v : NULL, m[v], epi));
+      store8(c + i * ldc + 8 * v, m[v],
+             epi8_apply(&e8, acc[i][v], bias, r ? r + 8 * v : NULL, m[v], epi));
     }
   }
 }
@@ -359,29 +368,6 @@ static void softmax_row_avx2(const float* x, const float* gamma, const float* be
   }
 }
 
-/* The epilogue of a vector of outputs: the common conv case (bias, then none/relu/clip, no
- * residual) branch-free, the rest through v_epi. */
-typedef struct {
-  __m256 lo, hi, scale;
-  int simple;
-} ak_epi8;
-
-AK_INLINE ak_epi8 epi8_setup(const ak_epilogue* e) {
-  ak_epi8 r;
-  r.simple = e->act <= AK_ACT_CLIP && e->res_mode == AK_RES_NONE;
-  r.lo = _mm256_set1_ps(e->act == AK_ACT_RELU ? 0.f : e->act == AK_ACT_CLIP ? e->lo : -INFINITY);
-  r.hi = _mm256_set1_ps(e->act == AK_ACT_CLIP ? e->hi : INFINITY);
-  r.scale = _mm256_set1_ps(e->scale);
-  return r;
-}
-
-AK_INLINE __m256 epi8_apply(const ak_epi8* s, __m256 v, __m256 bias, const float* res, ak_m8 m,
-                            const ak_epilogue* e) {
-  if (s->simple)
-    return _mm256_min_ps(s->hi, _mm256_max_ps(s->lo, _mm256_fmadd_ps(v, s->scale, bias)));
-  return v_epi(v, bias, res, m, e);
-}
-
 /* NHWC depthwise: one output pixel, NV vectors of 8 channels from c0 (the last one masked by
  * `last`), over the taps [ky0, ky1) x [kx0, kx1) inside the input; epilogue on the accumulators. */
 AK_INLINE void dw_pixel(const int NV, const int FULL3, const int MASKED, ak_m8 last,
@@ -463,6 +449,10 @@ AK_INLINE void dw_quad_chunk(const int S, const int FULL, ak_m8 m, const float* 
                              const float* w, int64_t C, int64_t rowstep, int64_t ky0,
                              int64_t ky1, const float* bias, const float* res, float* out,
                              const ak_epi8* s, const ak_epilogue* epi) {
+  if (S == 1) {
+    dw_quad_chunk_s1(FULL, m, xrow, w, C, rowstep, ky0, ky1, bias, res, out, s, epi);
+    return;
+  }
 #define AK_LD(p) (FULL ? _mm256_loadu_ps(p) : _mm256_maskload_ps((p), m.m))
   __m256 acc[4];
 #pragma GCC unroll 4
@@ -488,39 +478,16 @@ AK_INLINE void dw_quad_chunk(const int S, const int FULL, ak_m8 m, const float* 
     store8(out + p * C, m, epi8_apply(s, acc[p], b, res ? res + p * C : NULL, m, epi));
 }
 
-static void dw_quad(const int S, const float* xrow, const float* w, int64_t C, int64_t rowstep,
-                    int64_t ky0, int64_t ky1, const float* bias, const float* res, float* out,
-                    const ak_epi8* s, const ak_epilogue* epi) {
+AK_INLINE void dw_quad(const int S, const float* xrow, const float* w, int64_t C,
+                       int64_t rowstep, int64_t ky0, int64_t ky1, const float* bias,
+                       const float* res, float* out, const ak_epi8* s, const ak_epilogue* epi) {
   int64_t c0 = 0;
-  const ak_m8 all = tail8(8);
-  for (; c0 + 8 <= C; c0 += 8) {
-    if (S == 1)
-      dw_quad_chunk_s1(1, all, xrow + c0, w + c0, C, rowstep, ky0, ky1, bias ? bias + c0 : NULL,
-                       res ? res + c0 : NULL, out + c0, s, epi);
-    else
-      dw_quad_chunk(S, 1, all, xrow + c0, w + c0, C, rowstep, ky0, ky1, bias ? bias + c0 : NULL,
-                    res ? res + c0 : NULL, out + c0, s, epi);
-  }
-  if (c0 < C) {
-    if (S == 1)
-      dw_quad_chunk_s1(0, tail8(C - c0), xrow + c0, w + c0, C, rowstep, ky0, ky1,
-                       bias ? bias + c0 : NULL, res ? res + c0 : NULL, out + c0, s, epi);
-    else
-      dw_quad_chunk(S, 0, tail8(C - c0), xrow + c0, w + c0, C, rowstep, ky0, ky1,
-                    bias ? bias + c0 : NULL, res ? res + c0 : NULL, out + c0, s, epi);
-  }
-}
-
-static void dw_quad_s1(const float* xrow, const float* w, int64_t C, int64_t rowstep,
-                       int64_t ky0, int64_t ky1, const float* bias, const float* res, float* out,
-                       const ak_epi8* s, const ak_epilogue* epi) {
-  dw_quad(1, xrow, w, C, rowstep, ky0, ky1, bias, res, out, s, epi);
-}
-
-static void dw_quad_s2(const float* xrow, const float* w, int64_t C, int64_t rowstep,
-                       int64_t ky0, int64_t ky1, const float* bias, const float* res, float* out,
-                       const ak_epi8* s, const ak_epilogue* epi) {
-  dw_quad(2, xrow, w, C, rowstep, ky0, ky1, bias, res, out, s, epi);
+  for (; c0 + 8 <= C; c0 += 8)
+    dw_quad_chunk(S, 1, tail8(8), xrow + c0, w + c0, C, rowstep, ky0, ky1,
+                  bias ? bias + c0 : NULL, res ? res + c0 : NULL, out + c0, s, epi);
+  if (c0 < C)
+    dw_quad_chunk(S, 0, tail8(C - c0), xrow + c0, w + c0, C, rowstep, ky0, ky1,
+                  bias ? bias + c0 : NULL, res ? res + c0 : NULL, out + c0, s, epi);
 }
 
 static void dw_nhwc_row_avx2(const float* x, const float* w, const ak_conv_geom* g,
@@ -536,9 +503,13 @@ static void dw_nhwc_row_avx2(const float* x, const float* w, const ak_conv_geom*
   for (int64_t ox = 0; ox < g->OW; ++ox) {
     const int64_t ix0 = ox * g->SW - g->PW;
     if (quads && ix0 >= 0 && ox + 3 < g->OW && ix0 + 3 * g->SW + 2 < g->W) {
-      (g->SW == 1 ? dw_quad_s1 : dw_quad_s2)(x + (iy0 * g->W + ix0) * C, w, C, rowstep, ky0,
-                                             ky1, bias, res ? res + ox * C : NULL,
-                                             out + ox * C, &e8, epi);
+      const float* xq = x + (iy0 * g->W + ix0) * C;
+      if (g->SW == 1)
+        dw_quad(1, xq, w, C, rowstep, ky0, ky1, bias, res ? res + ox * C : NULL, out + ox * C,
+                &e8, epi);
+      else
+        dw_quad(2, xq, w, C, rowstep, ky0, ky1, bias, res ? res + ox * C : NULL, out + ox * C,
+                &e8, epi);
       ox += 3;
       continue;
     }
