@@ -362,6 +362,25 @@ def test_layer_norm_and_softmax(k, isa):
     close(out.numpy(), e / e.sum(-1, keepdims=True), 1e-6)
 
 
+def test_kernels_flush_denormals_and_restore_the_callers_mode(k, isa):
+    """Subnormal inputs read as zero and subnormal results become zero inside the kernels (each
+    one costs an x86 core a microcode assist: a masked softmax's exp(-100) made the next matmul
+    27x slower), and the caller's floating-point mode is left as it was."""
+    tiny = np.float32(1e-39)  # subnormal: below float32's smallest normal, 1.18e-38
+    x = np.full((64, 48), tiny, np.float32)
+    w = np.full((48, 40), 1e30, np.float32)  # 1e-39 * 1e30 * 48 would be 4.8e-8 without flushing
+    out = t(np.ones((64, 40), np.float32))
+    k("dense")(t(x), t(pack_weight(w)), none(), none(), 40, 0, 0, 0.0, 0.0, 1.0, out)
+    assert not out.numpy().any(), "dense read subnormal inputs as numbers"
+    row = np.tile(np.array([0.0, -100.0, -20.0], np.float32), (32, 1))  # exp(-100) = 3.7e-44
+    sm = t(np.zeros_like(row))
+    k("softmax")(t(row), sm)
+    got = sm.numpy()
+    assert (got[:, 1] == 0).all() and (got[:, 2] > 0).all(), "softmax kept a subnormal result"
+    close(got[:, [0, 2]], np.exp(np.array([0.0, -20.0])) / (1 + math.exp(-20) + math.exp(-100)))
+    assert np.multiply(tiny, np.float32(1.0)) == tiny, "a kernel call left the caller's thread flushing subnormals"
+
+
 def test_kernels_refuse_bad_arguments_with_clear_errors(k):
     x, w = np.ones((4, 3), np.float32), pack_weight(np.ones((3, 5), np.float32))
     b, out = t(np.ones(5, np.float32)), t(np.zeros((4, 5), np.float32))

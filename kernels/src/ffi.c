@@ -474,6 +474,22 @@ static int ak_softmax(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* r
   return 0;
 }
 
+/* The registered entry points: each kernel under the denormal mode of ak_kernels.h. */
+#define AK_DENORMALS_OFF(fn)                                                           \
+  static int fn##_entry(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) { \
+    const unsigned mode = ak_denormals_off();                                          \
+    const int rc = fn(self, args, n, result);                                          \
+    ak_denormals_restore(mode);                                                        \
+    return rc;                                                                         \
+  }
+AK_DENORMALS_OFF(ak_dense)
+AK_DENORMALS_OFF(ak_bmm)
+AK_DENORMALS_OFF(ak_conv2d)
+AK_DENORMALS_OFF(ak_conv2d_nhwc)
+AK_DENORMALS_OFF(ak_layer_norm)
+AK_DENORMALS_OFF(ak_softmax)
+#undef AK_DENORMALS_OFF
+
 static int ak_register_one(const char* name, TVMFFISafeCallType fn) {
   TVMFFIObjectHandle f = NULL;
   if (TVMFFIFunctionCreate(NULL, fn, NULL, &f) != 0) return -1;
@@ -486,12 +502,12 @@ static int ak_register_one(const char* name, TVMFFISafeCallType fn) {
 /* Registers every kernel; returns the number registered, or -1. */
 int ak_register_all(void) {
   static const struct { const char* name; TVMFFISafeCallType fn; } table[] = {
-      {"accelkit.cpu.dense", ak_dense},
-      {"accelkit.cpu.bmm", ak_bmm},
-      {"accelkit.cpu.conv2d", ak_conv2d},
-      {"accelkit.cpu.conv2d_nhwc", ak_conv2d_nhwc},
-      {"accelkit.cpu.layer_norm", ak_layer_norm},
-      {"accelkit.cpu.softmax", ak_softmax},
+      {"accelkit.cpu.dense", ak_dense_entry},
+      {"accelkit.cpu.bmm", ak_bmm_entry},
+      {"accelkit.cpu.conv2d", ak_conv2d_entry},
+      {"accelkit.cpu.conv2d_nhwc", ak_conv2d_nhwc_entry},
+      {"accelkit.cpu.layer_norm", ak_layer_norm_entry},
+      {"accelkit.cpu.softmax", ak_softmax_entry},
   };
   const char* portable = getenv("ACCELKIT_PORTABLE_KERNELS");
   ak_force_portable = portable != NULL && portable[0] != '\0' && strcmp(portable, "0") != 0;

@@ -48,7 +48,11 @@ static int ak_range_lambda(int task_id, ak_parallel_env* env, void* cdata) {
   const ak_range_job* job = (const ak_range_job*)cdata;
   const int64_t nt = env->num_task > 0 ? env->num_task : 1;
   const int64_t begin = job->n * task_id / nt, end = job->n * (task_id + 1) / nt;
-  if (begin < end) job->body(begin, end, job->ctx);
+  if (begin < end) {
+    const unsigned mode = ak_denormals_off(); /* a pool thread's mode is its own */
+    job->body(begin, end, job->ctx);
+    ak_denormals_restore(mode);
+  }
   return 0;
 }
 
