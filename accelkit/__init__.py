@@ -48,10 +48,12 @@ def set_num_threads(n: int) -> int:
 
 
 def compile(model, *, backend="cpu", precision="fp32", input_shapes=None, cache=True,  # noqa: A001
-            tune=None, **options):
+            tune=None, calibration=None, **options):
     """Compile an ONNX model (path, bytes or onnx.ModelProto) into a CompiledModel.
 
-    backend: a name from list_backends(); precision: "fp32" (fp16/bf16/int8 to come);
+    backend: a name from list_backends(); precision: "fp32", or "int8" (dense layers with int8
+    weights and activations; the build's accuracy against fp32 is measured and kept in
+    model.manifest["accuracy"], on the `calibration` batches if given, else random inputs);
     input_shapes: sizes for symbolic input dims, e.g. {"input_ids": [1, 128]};
     tune: search for faster schedules and kernel parameters first, within a budget ("10m",
     seconds, or accelkit.TuneOptions); the results are kept and later compiles reuse them.
@@ -60,7 +62,7 @@ def compile(model, *, backend="cpu", precision="fp32", input_shapes=None, cache=
     from accelkit.compiler import compile_model
 
     return compile_model(model, backend=backend, precision=precision, input_shapes=input_shapes,
-                         cache=cache, tune=tune, **options)
+                         cache=cache, tune=tune, calibration=calibration, **options)
 
 
 def load(path):

@@ -16,11 +16,12 @@ cdef extern from "ak_kernels.h":
     int ak_num_threads()
     int ak_isa()
     int ak_force_portable
+    const char* ak_int8_path()
 
 cdef extern int ak_register_all() nogil
 
-KERNELS = ("accelkit.cpu.dense", "accelkit.cpu.bmm", "accelkit.cpu.conv2d",
-           "accelkit.cpu.layer_norm", "accelkit.cpu.softmax")
+KERNELS = ("accelkit.cpu.dense", "accelkit.cpu.dense_i8", "accelkit.cpu.bmm", "accelkit.cpu.conv2d",
+           "accelkit.cpu.conv2d_nhwc", "accelkit.cpu.layer_norm", "accelkit.cpu.softmax")
 
 
 def register():
@@ -48,6 +49,11 @@ from accelkit.kernels import ISAS  # ak_isa()'s codes, in order
 def isa():
     """The instruction set the kernels run: 'avx512', 'avx2' (with FMA) or 'portable'."""
     return ISAS[ak_isa()]
+
+
+def int8_path():
+    """The int8 kernels' path: 'vnni' (AVX512-VNNI dot products) or 'portable' (plain C)."""
+    return ak_int8_path().decode()
 
 
 def portable():

@@ -101,7 +101,11 @@ def _feed_args(p):
 
 def _compile_args(p):
     p.add_argument("--backend", default="cpu", help="backend name (see `accelkit backends`)")
-    p.add_argument("--precision", default="fp32", help="fp32 (fp16, bf16, int8 to come)")
+    p.add_argument("--precision", default="fp32", help="fp32 or int8 (int8: dense layers; the accuracy "
+                                                       "against fp32 is measured and printed)")
+    p.add_argument("--calibration", metavar="DATA.npz|DIR",
+                   help="batches to measure a reduced precision's accuracy on (an .npz with the input "
+                        "names as keys, or a directory of them); default: random inputs")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
                    help="size for an input with symbolic dims, e.g. input_ids=1,128 (repeatable)")
     p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
@@ -141,7 +145,8 @@ def _compile(args):
     import accelkit
 
     return accelkit.compile(args.model, backend=args.backend, precision=args.precision,
-                            input_shapes=_input_shapes(args.input_shape), **_backend_options(args.option))
+                            input_shapes=_input_shapes(args.input_shape),
+                            calibration=getattr(args, "calibration", None), **_backend_options(args.option))
 
 
 def _fmt_specs(specs):
@@ -166,6 +171,11 @@ def _print_summary(m):
     if m.get("offloaded") is not None:
         kernels = ", ".join(f"{k} x{v}" for k, v in sorted(m["offloaded"].items())) or "none"
         print(f"  offloaded: {kernels}")
+    if m.get("accuracy"):
+        a = m["accuracy"]
+        print(f"  accuracy vs {a['reference']} ({a['batches']} {a['inputs']} batches): "
+              + ", ".join(f"{name} cosine {v['cosine']:.5f} rel. error {v['rel_l2']:.2e}"
+                          for name, v in a["outputs"].items()))
 
 
 def _spec_str(s):

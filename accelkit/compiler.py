@@ -21,11 +21,16 @@ def compile_model(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     cache: bool = True,
     tune=None,
+    calibration=None,
     **options: Any,
 ):
     """Compile an ONNX model (path, bytes or onnx.ModelProto) into a CompiledModel.
 
-    precision: fp32 (others listed in PRECISIONS arrive with quantization support).
+    precision: fp32, or int8 where the backend supports it (Backend.precisions). A reduced
+          precision is always measured: the fp32 build and this one run on the same batches and
+          the manifest's "accuracy" holds each output's cosine similarity and relative error.
+    calibration: the batches that measurement runs on (accelkit.accuracy lists the forms: a dict
+          of input arrays, a list of them, an .npz file or a directory); default: random inputs.
     input_shapes: sizes for symbolic dims, e.g. {"input_ids": [1, 128]}.
     cache: reuse a previous compilation of the same thing (accelkit.cache; cache=False skips).
     tune: a tuning budget ("10m", seconds) or accelkit.TuneOptions: search first (resuming what
@@ -46,6 +51,9 @@ def compile_model(
     tune_options = parse_tune(tune)
     if tune_options is not None and precision != "fp32":
         raise OptionError(f"tune= works on fp32 models in this accelkit version, not {precision!r}")
+    if calibration is not None and precision == "fp32":
+        raise OptionError("calibration= is for reduced precisions (precision='int8'); an fp32 build "
+                          "needs no calibration data")
     if not isinstance(cache, bool):
         raise OptionError(f"cache must be True or False, got {cache!r}")
     unknown = sorted(set(options) - set(be.options))
@@ -64,13 +72,14 @@ def compile_model(
         from accelkit import tuning
 
         tuning_report = tuning.tune(model, backend=be.name, input_shapes=input_shapes, options=tune_options)
-    compiled = _compile(model, be, precision, input_shapes, cache, options, apply_tuning=tune is not False)
+    compiled = _compile(model, be, precision, input_shapes, cache, options, apply_tuning=tune is not False,
+                        calibration=calibration)
     if tuning_report is not None:
         compiled.tuning_report = tuning_report
     return compiled
 
 
-def _compile(model, be, precision, input_shapes, cache, options, *, apply_tuning: bool):
+def _compile(model, be, precision, input_shapes, cache, options, *, apply_tuning: bool, calibration=None):
     from accelkit.backends import CompileOptions, TVMBackend
     from accelkit.tuning import applied_tuning
 
@@ -78,11 +87,17 @@ def _compile(model, be, precision, input_shapes, cache, options, *, apply_tuning
     if apply_tuning and isinstance(be, TVMBackend) and precision == "fp32":
         tuning = applied_tuning(be, be.target(CompileOptions()))
     compile_options = CompileOptions(precision=precision, extra=dict(options), tuning=tuning)
+    # a reduced precision is measured against fp32 on these (None: random inputs)
+    accuracy = None
+    if precision != "fp32":
+        accuracy = _Accuracy(model, be, input_shapes, cache, options, apply_tuning, calibration)
     if not cache:
-        return _build(model, input_shapes, be, compile_options, status="off")
+        return _build(model, input_shapes, be, compile_options, status="off", accuracy=accuracy)
     components = _key_components(model, input_shapes, be, compile_options)
     if components is None:  # unreadable path or bad input_shapes: the frontend reports it
-        return _build(model, input_shapes, be, compile_options, status="off")
+        return _build(model, input_shapes, be, compile_options, status="off", accuracy=accuracy)
+    if accuracy is not None:
+        components["calibration"] = accuracy.digest()
     from accelkit.cache import Cache
 
     store = Cache()
@@ -95,7 +110,7 @@ def _compile(model, be, precision, input_shapes, cache, options, *, apply_tuning
             hit = store.load(key)
             if hit is not None:
                 return hit
-        compiled = _build(model, input_shapes, be, compile_options, status="miss")
+        compiled = _build(model, input_shapes, be, compile_options, status="miss", accuracy=accuracy)
         if _uses_external_data(model):  # weights outside the key's bytes: never cache
             compiled.cache_status = "off (external data)"
             return compiled
@@ -136,7 +151,7 @@ def _key_components(model, input_shapes, be, options) -> dict[str, Any] | None:
         "backend_fingerprint": be.fingerprint(),
         "target": str(be.target(options)) if isinstance(be, TVMBackend) else None,
         "precision": options.precision,
-        "calibration": None,  # digest of the calibration data, with int8 support
+        "calibration": None,  # digest of the calibration batches (reduced precisions)
         "tuning_db": options.tuning.digest if options.tuning is not None else None,
         "options": options.extra,
         "versions": artifact.versions(),
@@ -157,7 +172,40 @@ def _uses_external_data(model) -> bool:
     return any(_uses_external_data(t) for t in _all_initializers(proto.graph))
 
 
-def _build(model, input_shapes, be, compile_options, *, status: str):
+class _Accuracy:
+    """Measures a reduced-precision build against the fp32 one (accelkit.accuracy)."""
+
+    def __init__(self, model, be, input_shapes, cache, options, apply_tuning, calibration):
+        self.args = (model, be, input_shapes, cache, options, apply_tuning)
+        self.calibration = calibration
+        self._batches = None
+
+    def batches(self, inputs):
+        from accelkit import accuracy
+
+        if self.calibration is None:
+            return None
+        if self._batches is None:  # the same model's inputs every time
+            self._batches = accuracy.load_batches(self.calibration, inputs)
+        return self._batches
+
+    def digest(self) -> str | None:
+        from accelkit import accuracy, frontend
+
+        if self.calibration is None:
+            return None
+        model, _, input_shapes = self.args[:3]
+        return accuracy.digest(self.batches(frontend.prepare(model, input_shapes).inputs))
+
+    def measure(self, compiled, index_bounds) -> dict[str, Any]:
+        from accelkit import accuracy
+
+        model, be, input_shapes, cache, options, apply_tuning = self.args
+        reference = _compile(model, be, "fp32", input_shapes, cache, options, apply_tuning=apply_tuning)
+        return accuracy.measure(compiled, reference, self.batches(compiled.inputs), index_bounds)
+
+
+def _build(model, input_shapes, be, compile_options, *, status: str, accuracy: _Accuracy | None = None):
     """Frontend + backend compile into a fresh temporary directory -> CompiledModel."""
     from accelkit import artifact, frontend
     from accelkit.guards import index_bounds
@@ -185,6 +233,8 @@ def _build(model, input_shapes, be, compile_options, *, status: str):
             **entries,
         }
         compiled = CompiledModel(be, out_dir, manifest, owns_directory=True)
+        if accuracy is not None:
+            manifest["accuracy"] = accuracy.measure(compiled, manifest["index_bounds"])
     except AccelkitError:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise

@@ -42,6 +42,27 @@ def pack_weight(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(k, panels, NR).transpose(1, 0, 2))
 
 
+def quantize_weight_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """W[K, N] -> (wq int8 [P, ceil(K/4), NR, 4], qparams float32 [2, P*NR]), the int8 dense
+    kernel's layout: per output channel n a symmetric scale max|W[:, n]| / 127 and
+    wq = round(W / scale) in [-127, 127]; 4 consecutive k of a column side by side (one VNNI dot
+    product); qparams = (scales, column sums of wq); zero padded."""
+    k, n = w.shape
+    w = w.astype(np.float64)
+    amax = np.abs(w).max(axis=0) if k else np.zeros(n)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale.astype(np.float64)), -127, 127).astype(np.int8)
+    panels, k4 = -(-n // NR), -(-k // 4)
+    padded = np.zeros((k4 * 4, panels * NR), np.int8)
+    padded[:k, :n] = q
+    packed = np.ascontiguousarray(padded.reshape(k4, 4, panels, NR).transpose(2, 0, 3, 1))
+    qparams = np.zeros((2, panels * NR), np.float32)
+    qparams[0] = 1.0
+    qparams[0, :n] = scale
+    qparams[1, :n] = q.astype(np.int64).sum(axis=0)
+    return packed, qparams
+
+
 MR = 8  # rows per packed A micro-panel (AK_MR)
 
 
@@ -227,9 +248,9 @@ def _name(prefix: str, kernel: str, bias: bool, res: str | None, act: str | None
 def _fused_patterns(prefix: str, name: str, kernel: str, core_op: str, channel_axis: int,
                     core_args) -> list[KernelPattern]:
     """One KernelPattern per epilogue variant of core_op(x, const W). The kernel takes
-    (x, weight, bias | [0], res | [0], *core ints, act, res_mode, lo, hi, scale).
-    `core_args(x, w, core)` checks the matched core call and returns ([x, weight const], core
-    ints), or None to leave it to TVM; the epilogue is read here, with the bias broadcast along
+    (x, weight, *weight constants, bias | [0], res | [0], *core ints, act, res_mode, lo, hi,
+    scale). `core_args(x, w, core)` checks the matched core call and returns ([x, weight const,
+    ...], core ints), or None to leave it to TVM; the epilogue is read here, with the bias broadcast along
     `channel_axis` of the output."""
     from tvm import relax
     from tvm.relax.dpl import is_const, is_op, wildcard
@@ -255,9 +276,9 @@ def _fused_patterns(prefix: str, name: str, kernel: str, core_op: str, channel_a
             head = core_args(matches[x], matches[w], matches[core]) if params is not None else None
             if head is None:
                 return None
-            (operand, weight), ints = head
+            tensors, ints = head  # [operand, weight, *weight constants]
             code, lo, hi = params
-            return ([operand, weight, relax.const(bias_vec) if bias else _empty(),
+            return ([*tensors, relax.const(bias_vec) if bias else _empty(),
                      matches[r] if res else _empty()]
                     + _ints(*ints, code, {"pre": 1, "post": 2, None: 0}[res]) + _floats(lo, hi, 1.0))
 
@@ -274,6 +295,16 @@ def _dense_args(x, w, core):
     if xs is None or ws is None or xs[-1] != ws[0]:
         return None
     return [x, relax.const(pack_weight(_const_value(w).astype(np.float32)))], (ws[1],)
+
+
+def _dense_args_int8(x, w, core):
+    from tvm import relax
+
+    xs, ws = _f32(x, range(2, 9)), _f32(w, (2,))
+    if xs is None or ws is None or xs[-1] != ws[0] or ws[0] * 127 >= 1 << 24:
+        return None
+    packed, qparams = quantize_weight_int8(_const_value(w).astype(np.float32))
+    return [x, relax.const(packed), relax.const(qparams)], (ws[1],)
 
 
 def _conv_call(x, w, conv, layout: str):
@@ -428,6 +459,12 @@ def dense_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.dense") -> l
     return _fused_patterns(prefix, "dense", kernel, "relax.matmul", -1, _dense_args)
 
 
+def dense_int8_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.dense_i8") -> list[KernelPattern]:
+    """matmul(x[..., K], const W[K, N]) with its epilogue -> the int8 dense kernel: W quantized
+    per output channel at compile time, x's rows quantized when it runs."""
+    return _fused_patterns(prefix, "dense_i8", kernel, "relax.matmul", -1, _dense_args_int8)
+
+
 def conv2d_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.conv2d") -> list[KernelPattern]:
     """conv2d(x NCHW, const W OIHW) with its epilogue -> the conv kernel (im2col GEMM, or the
     direct depthwise kernel)."""
@@ -546,6 +583,7 @@ def _choice(options: CompileOptions, name: str, choices: tuple[str, ...]) -> str
 
 class CPUBackend(TVMBackend):
     name = "cpu"
+    precisions = ("fp32", "int8")
     description = "host CPU: TVM llvm codegen + accelkit fused C kernels"
     options = {"layout": "activation layout of convolutional models: 'nhwc' (default: channels "
                          "last between convolutions) or 'nchw' (the model's own)",
@@ -556,15 +594,27 @@ class CPUBackend(TVMBackend):
     def target(self, options: CompileOptions):
         return host_target()
 
-    def patterns(self, winograd: bool = True):
-        return (conv2d_nhwc_patterns(winograd=winograd) + conv2d_patterns() + dense_patterns()
+    def patterns(self, winograd: bool = True, precision: str = "fp32"):
+        dense = dense_int8_patterns() if precision == "int8" else dense_patterns()
+        return (conv2d_nhwc_patterns(winograd=winograd) + conv2d_patterns() + dense
                 + bmm_patterns() + norm_patterns())
 
     def patterns_for(self, options: CompileOptions):
-        return self.patterns(winograd=_choice(options, "winograd", WINOGRAD) == "auto")
+        return self.patterns(winograd=_choice(options, "winograd", WINOGRAD) == "auto",
+                             precision=options.precision)
 
     def prepare(self, mod, options: CompileOptions):
         _choice(options, "winograd", WINOGRAD)  # refused before the long part, not after it
+        if options.precision == "int8":
+            from accelkit import kernels
+
+            if kernels.load().int8_path() != "vnni":
+                import logging
+
+                logging.getLogger("accelkit").warning(
+                    "precision='int8': this CPU has no AVX512-VNNI, so the int8 dense layers run "
+                    "the portable C path, which is slower than fp32 here; the build is correct and "
+                    "runs fast on a CPU with AVX512-VNNI")
         layout = _choice(options, "layout", LAYOUTS)
         return to_channels_last(mod) if layout == "nhwc" else mod
 

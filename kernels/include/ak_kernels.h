@@ -135,6 +135,36 @@ void ak_layer_norm_f32(const float* x, const float* gamma, const float* beta, fl
 /* out[r] = softmax(x[r]) over rows of length D. */
 void ak_softmax_f32(const float* x, float* out, int64_t rows, int64_t D, int threads);
 
+/* int8 dense (u8 activations x s8 weights, int32 sums, fp32 out):
+ *   out = epilogue(scale * dequant(q(x) @ wq) + bias)
+ * Each row of x is quantized when the call runs (dynamic, asymmetric): a_scale = (max(x, 0) -
+ * min(x, 0)) / 255, zp = round(-min(x, 0) / a_scale), q = clamp(round(x / a_scale) + zp, 0, 255).
+ * The weights are per-output-channel symmetric int8 (w ~ wq * w_scale[n], |wq| <= 127),
+ * quantized and packed at compile time as wq[P][K4][AK_NR][4] (K4 = ceil(K/4); 4 consecutive k
+ * per column: one VNNI dot product), with qp[2][P*AK_NR] = {w_scale, sum over k of wq} (the sums
+ * as exact float integers). dequant(acc) = a_scale * w_scale[n] * (acc - zp * wsum[n]).
+ * Returns 0, or -1 when the scratch memory could not be allocated. */
+int ak_dense_u8s8_f32(const float* x, int64_t M, int64_t K, const int8_t* wq, const float* qp,
+                      int64_t N, const float* bias, const float* res, float* out, ak_epilogue epi,
+                      ak_tuning tune);
+/* The int8 path the CPU runs: "vnni" (AVX512-VNNI) or "portable". */
+const char* ak_int8_path(void);
+/* Internal: one instruction set's int8 pieces. quant_rows quantizes rows of x[rows][K] into
+ * q (row stride ldq bytes, zero padded to ldq), ukr computes mr (<= AK_MR) rows x one panel. */
+typedef void (*ak_quant_rows_fn)(const float* x, int64_t rows, int64_t K, uint8_t* q, int64_t ldq,
+                                 float* scale, int32_t* zp);
+typedef void (*ak_ukr_i8_fn)(int mr, int64_t K4, const uint8_t* a, int64_t lda, const int8_t* bp,
+                             float* c, int64_t ldc, int nv, const float* a_scale,
+                             const int32_t* a_zp, const float* w_scale, const float* w_sum,
+                             const float* bias, const float* res, int64_t ldr,
+                             const ak_epilogue* epi);
+void ak_quant_rows_avx512(const float* x, int64_t rows, int64_t K, uint8_t* q, int64_t ldq,
+                          float* scale, int32_t* zp);
+void ak_ukr_i8_vnni(int mr, int64_t K4, const uint8_t* a, int64_t lda, const int8_t* bp, float* c,
+                    int64_t ldc, int nv, const float* a_scale, const int32_t* a_zp,
+                    const float* w_scale, const float* w_sum, const float* bias, const float* res,
+                    int64_t ldr, const ak_epilogue* epi);
+
 /* Denormals: every kernel call runs with subnormal inputs read as zero and subnormal results
  * flushed to zero (MXCSR DAZ + FTZ) on each thread it uses, and restores the caller's mode.
  * Subnormals carry no information a model keeps, but each one costs an x86 core ~100 cycles

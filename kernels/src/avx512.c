@@ -4,6 +4,7 @@
 #pragma GCC target("avx512f,avx2,fma")
 #include <immintrin.h>
 #include <math.h>
+#include <string.h>
 #include "ak_kernels.h"
 
 #define AK_INLINE static inline __attribute__((always_inline))
@@ -489,3 +490,183 @@ static void wino_out_avx512(const float* mt, int64_t mstride, int64_t nc, float*
 const ak_isa_table ak_avx512_table = {ukr_avx512, im2col_avx512, dw_plane_avx512, row_epi_avx512, layer_norm_row_avx512,
                                       softmax_row_avx512, dw_nhwc_row_avx512,
                                       wino_in_avx512, wino_out_avx512, AK_MR};
+
+/* ---- int8: row quantization and the AVX512-VNNI micro-kernel ------------------------------ */
+
+/* only called where the CPU has AVX512-VNNI (and so BW and VL): see ak_int8_path */
+#define AK_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
+
+AK_VNNI void ak_quant_rows_avx512(const float* x, int64_t rows, int64_t K, uint8_t* q, int64_t ldq,
+                          float* scale, int32_t* zp) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * K;
+    __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 m = tail_mask(K - k);
+      const __m512 v = _mm512_maskz_loadu_ps(m, xr + k);
+      lo = _mm512_min_ps(lo, v);
+      hi = _mm512_max_ps(hi, v);
+    }
+    const float mn = _mm512_reduce_min_ps(lo), mx = _mm512_reduce_max_ps(hi);
+    float s = (mx - mn) / 255.f;
+    if (!(s > 0.f) || !isfinite(s)) s = 1.f; /* an all-zero row (or a non-finite one) */
+    const float inv = 1.f / s;
+    int32_t z = (int32_t)nearbyintf(-mn * inv);
+    z = z < 0 ? 0 : (z > 255 ? 255 : z);
+    scale[r] = s;
+    zp[r] = z;
+    const __m512 vinv = _mm512_set1_ps(inv);
+    const __m512i vz = _mm512_set1_epi32(z), v0 = _mm512_setzero_si512(),
+                  v255 = _mm512_set1_epi32(255);
+    uint8_t* qr = q + r * ldq;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 m = tail_mask(K - k);
+      const __m512 v = _mm512_maskz_loadu_ps(m, xr + k);
+      __m512i iv = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, vinv)), vz);
+      iv = _mm512_min_epi32(_mm512_max_epi32(iv, v0), v255);
+      _mm_mask_storeu_epi8(qr + k, m, _mm512_cvtepi32_epi8(iv));
+    }
+    for (int64_t k = K; k < ldq; ++k) qr[k] = 0;
+  }
+}
+
+AK_VNNI AK_INLINE void ukr_i8_body(const int MR, const int HALF, int64_t K4, const uint8_t* a,
+                                   int64_t lda, const int8_t* bp, float* c, int64_t ldc, int nv,
+                                   const float* a_scale, const int32_t* a_zp,
+                                   const float* w_scale, const float* w_sum, const float* bias,
+                                   const float* res, int64_t ldr, const ak_epilogue* epi) {
+  const __mmask16 m0 = nv >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nv) - 1u);
+  const __mmask16 m1 = nv >= 32 ? (__mmask16)0xFFFF
+                                : (nv > 16 ? (__mmask16)((1u << (nv - 16)) - 1u) : 0);
+  __m512i acc0[AK_MR], acc1[AK_MR];
+  if (MR == 8 && !HALF) {
+    /* the full tile's K loop in assembly: gcc keeps the 16 accumulators of the intrinsics loop
+     * in registers only by copying them around (30 moves and 2 stack stores per k step); here
+     * they stay in zmm0-15 and pass through memory once per call */
+    int32_t sums[16 * 16] __attribute__((aligned(64)));
+    const int64_t lda3 = 3 * lda;
+    const uint8_t* a4 = a + 4 * lda;
+    int64_t k = K4;
+    __asm__ volatile(
+        "vpxord %%zmm0, %%zmm0, %%zmm0\n\tvpxord %%zmm1, %%zmm1, %%zmm1\n\t"
+        "vpxord %%zmm2, %%zmm2, %%zmm2\n\tvpxord %%zmm3, %%zmm3, %%zmm3\n\t"
+        "vpxord %%zmm4, %%zmm4, %%zmm4\n\tvpxord %%zmm5, %%zmm5, %%zmm5\n\t"
+        "vpxord %%zmm6, %%zmm6, %%zmm6\n\tvpxord %%zmm7, %%zmm7, %%zmm7\n\t"
+        "vpxord %%zmm8, %%zmm8, %%zmm8\n\tvpxord %%zmm9, %%zmm9, %%zmm9\n\t"
+        "vpxord %%zmm10, %%zmm10, %%zmm10\n\tvpxord %%zmm11, %%zmm11, %%zmm11\n\t"
+        "vpxord %%zmm12, %%zmm12, %%zmm12\n\tvpxord %%zmm13, %%zmm13, %%zmm13\n\t"
+        "vpxord %%zmm14, %%zmm14, %%zmm14\n\tvpxord %%zmm15, %%zmm15, %%zmm15\n\t"
+        "test %[k], %[k]\n\t"
+        "jz 2f\n\t"
+        "1:\n\t"
+        "vmovdqa64 (%[b]), %%zmm16\n\t"
+        "vmovdqa64 64(%[b]), %%zmm17\n\t"
+        "vpbroadcastd (%[a]), %%zmm18\n\t"
+        "vpbroadcastd (%[a], %[lda], 1), %%zmm19\n\t"
+        "vpdpbusd %%zmm16, %%zmm18, %%zmm0\n\t"
+        "vpdpbusd %%zmm17, %%zmm18, %%zmm1\n\t"
+        "vpbroadcastd (%[a], %[lda], 2), %%zmm18\n\t"
+        "vpdpbusd %%zmm16, %%zmm19, %%zmm2\n\t"
+        "vpdpbusd %%zmm17, %%zmm19, %%zmm3\n\t"
+        "vpbroadcastd (%[a], %[lda3], 1), %%zmm19\n\t"
+        "vpdpbusd %%zmm16, %%zmm18, %%zmm4\n\t"
+        "vpdpbusd %%zmm17, %%zmm18, %%zmm5\n\t"
+        "vpbroadcastd (%[a4]), %%zmm18\n\t"
+        "vpdpbusd %%zmm16, %%zmm19, %%zmm6\n\t"
+        "vpdpbusd %%zmm17, %%zmm19, %%zmm7\n\t"
+        "vpbroadcastd (%[a4], %[lda], 1), %%zmm19\n\t"
+        "vpdpbusd %%zmm16, %%zmm18, %%zmm8\n\t"
+        "vpdpbusd %%zmm17, %%zmm18, %%zmm9\n\t"
+        "vpbroadcastd (%[a4], %[lda], 2), %%zmm18\n\t"
+        "vpdpbusd %%zmm16, %%zmm19, %%zmm10\n\t"
+        "vpdpbusd %%zmm17, %%zmm19, %%zmm11\n\t"
+        "vpbroadcastd (%[a4], %[lda3], 1), %%zmm19\n\t"
+        "vpdpbusd %%zmm16, %%zmm18, %%zmm12\n\t"
+        "vpdpbusd %%zmm17, %%zmm18, %%zmm13\n\t"
+        "vpdpbusd %%zmm16, %%zmm19, %%zmm14\n\t"
+        "vpdpbusd %%zmm17, %%zmm19, %%zmm15\n\t"
+        "add $4, %[a]\n\t"
+        "add $4, %[a4]\n\t"
+        "add $128, %[b]\n\t"
+        "dec %[k]\n\t"
+        "jnz 1b\n\t"
+        "2:\n\t"
+        "vmovdqa64 %%zmm0, 0(%[s])\n\tvmovdqa64 %%zmm1, 64(%[s])\n\t"
+        "vmovdqa64 %%zmm2, 128(%[s])\n\tvmovdqa64 %%zmm3, 192(%[s])\n\t"
+        "vmovdqa64 %%zmm4, 256(%[s])\n\tvmovdqa64 %%zmm5, 320(%[s])\n\t"
+        "vmovdqa64 %%zmm6, 384(%[s])\n\tvmovdqa64 %%zmm7, 448(%[s])\n\t"
+        "vmovdqa64 %%zmm8, 512(%[s])\n\tvmovdqa64 %%zmm9, 576(%[s])\n\t"
+        "vmovdqa64 %%zmm10, 640(%[s])\n\tvmovdqa64 %%zmm11, 704(%[s])\n\t"
+        "vmovdqa64 %%zmm12, 768(%[s])\n\tvmovdqa64 %%zmm13, 832(%[s])\n\t"
+        "vmovdqa64 %%zmm14, 896(%[s])\n\tvmovdqa64 %%zmm15, 960(%[s])\n\t"
+        : [a] "+r"(a), [a4] "+r"(a4), [b] "+r"(bp), [k] "+r"(k)
+        : [lda] "r"(lda), [lda3] "r"(lda3), [s] "r"(sums)
+        : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",
+          "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17",
+          "xmm18", "xmm19");
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      acc0[i] = _mm512_load_si512((const void*)(sums + 32 * i));
+      acc1[i] = _mm512_load_si512((const void*)(sums + 32 * i + 16));
+    }
+  } else {
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      acc0[i] = _mm512_setzero_si512();
+      acc1[i] = _mm512_setzero_si512();
+    }
+    for (int64_t k = 0; k < K4; ++k) {
+      const __m512i b0 = _mm512_load_si512((const void*)(bp + k * 128));
+      const __m512i b1 = HALF ? b0 : _mm512_load_si512((const void*)(bp + k * 128 + 64));
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        int32_t four;
+        memcpy(&four, a + i * lda + 4 * k, 4);
+        const __m512i av = _mm512_set1_epi32(four);
+        acc0[i] = _mm512_dpbusd_epi32(acc0[i], av, b0);
+        if (!HALF) acc1[i] = _mm512_dpbusd_epi32(acc1[i], av, b1);
+      }
+    }
+  }
+  const __m512 ws0 = _mm512_maskz_loadu_ps(m0, w_scale), ws1 = _mm512_maskz_loadu_ps(m1, w_scale + 16);
+  const __m512i sum0 = _mm512_cvtps_epi32(_mm512_maskz_loadu_ps(m0, w_sum));
+  const __m512i sum1 = _mm512_cvtps_epi32(_mm512_maskz_loadu_ps(m1, w_sum + 16));
+  const __m512 bi0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
+  const __m512 bi1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    const __m512i z = _mm512_set1_epi32(a_zp[i]);
+    const __m512 as = _mm512_set1_ps(a_scale[i]);
+    const float* r = res ? res + i * ldr : NULL;
+    const __m512 v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc0[i], _mm512_mullo_epi32(z, sum0))),
+                                    _mm512_mul_ps(ws0, as));
+    _mm512_mask_storeu_ps(c + i * ldc, m0, v_epi(v0, bi0, r, m0, epi));
+    if (!HALF && m1) {
+      const __m512 v1 = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_sub_epi32(acc1[i], _mm512_mullo_epi32(z, sum1))), _mm512_mul_ps(ws1, as));
+      _mm512_mask_storeu_ps(c + i * ldc + 16, m1, v_epi(v1, bi1, r ? r + 16 : r, m1, epi));
+    }
+  }
+}
+
+/* One instantiation per (rows, half panel). */
+AK_VNNI void ak_ukr_i8_vnni(int mr, int64_t K4, const uint8_t* a, int64_t lda, const int8_t* bp,
+                            float* c, int64_t ldc, int nv, const float* a_scale,
+                            const int32_t* a_zp, const float* w_scale, const float* w_sum,
+                            const float* bias, const float* res, int64_t ldr,
+                            const ak_epilogue* epi) {
+  const int half = nv <= 16;
+#define AK_CASE(n, h)                                                                         \
+  case n: ukr_i8_body(n, h, K4, a, lda, bp, c, ldc, nv, a_scale, a_zp, w_scale, w_sum, bias,  \
+                      res, ldr, epi); break;
+#define AK_SWITCH(h)                                                                          \
+  switch (mr) {                                                                               \
+    AK_CASE(8, h) AK_CASE(7, h) AK_CASE(6, h) AK_CASE(5, h) AK_CASE(4, h) AK_CASE(3, h)       \
+    AK_CASE(2, h) AK_CASE(1, h) default: break;                                               \
+  }
+  if (half) { AK_SWITCH(1) }
+  else { AK_SWITCH(0) }
+#undef AK_SWITCH
+#undef AK_CASE
+}
+#undef AK_VNNI

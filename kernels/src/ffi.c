@@ -44,8 +44,10 @@ static int64_t ak_numel(const DLTensor* t) {
   return n;
 }
 
-/* A contiguous float32 CPU tensor with rank in [rmin, rmax]; NULL after raising otherwise. */
-static DLTensor* ak_f32(const ak_call* c, int i, const char* what, int rmin, int rmax) {
+/* A contiguous CPU tensor of dtype (code, bits) with rank in [rmin, rmax]; NULL after raising
+ * otherwise. */
+static DLTensor* ak_typed(const ak_call* c, int i, const char* what, int rmin, int rmax, int code,
+                          int bits, const char* dtype) {
   DLTensor* t = ak_tensor_or_null(&c->args[i]);
   if (!t) {
     ak_fail(c, "TypeError", "argument %d (%s) must be a tensor (type index %d)", i, what,
@@ -57,8 +59,8 @@ static DLTensor* ak_f32(const ak_call* c, int i, const char* what, int rmin, int
             (int)t->device.device_type);
     return NULL;
   }
-  if (t->dtype.code != kDLFloat || t->dtype.bits != 32 || t->dtype.lanes != 1) {
-    ak_fail(c, "TypeError", "%s must be float32 (got dtype code %d, %d bits)", what,
+  if (t->dtype.code != code || t->dtype.bits != bits || t->dtype.lanes != 1) {
+    ak_fail(c, "TypeError", "%s must be %s (got dtype code %d, %d bits)", what, dtype,
             (int)t->dtype.code, (int)t->dtype.bits);
     return NULL;
   }
@@ -82,6 +84,10 @@ static DLTensor* ak_f32(const ak_call* c, int i, const char* what, int rmin, int
     }
   }
   return t;
+}
+
+static DLTensor* ak_f32(const ak_call* c, int i, const char* what, int rmin, int rmax) {
+  return ak_typed(c, i, what, rmin, rmax, kDLFloat, 32, "float32");
 }
 
 static int ak_int(const ak_call* c, int i, const char* what, int64_t lo, int64_t hi, int64_t* out) {
@@ -216,6 +222,59 @@ static int ak_dense(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* res
   g.epi.bias_mode = g.bias ? AK_BIAS_COL : AK_BIAS_NONE;
   g.tune = tune;
   ak_gemm_f32(&g);
+  return 0;
+}
+
+/* dense_i8(x[..., K], wq int8 [P, K4, NR, 4], qp[2, P*NR], bias[N] | [0], res[..., N] | [0], N,
+ *          act, res_mode, lo, hi, scale, out[..., N]): the int8 dense of ak_dense_u8s8_f32. */
+static int ak_dense_i8(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
+  (void)self; (void)result;
+  ak_call c = {"accelkit.cpu.dense_i8", args, n};
+  AK_TRY(ak_nargs(&c, 12, "x, w_int8, w_qparams, bias, res, N, act, res_mode, lo, hi, scale, out"));
+  DLTensor *x, *w, *qp, *bias, *res, *out;
+  AK_NEED(x = ak_f32(&c, 0, "x", 1, 8));
+  AK_NEED(w = ak_typed(&c, 1, "w_int8", 4, 4, kDLInt, 8, "int8"));
+  AK_NEED(qp = ak_f32(&c, 2, "w_qparams", 2, 2));
+  AK_NEED(bias = ak_f32(&c, 3, "bias", 1, 1));
+  AK_NEED(res = ak_f32(&c, 4, "res", 1, 8));
+  AK_NEED(out = ak_f32(&c, n - 1, "out", 1, 8));
+  int64_t N;
+  ak_epilogue e;
+  ak_tuning tune;
+  AK_TRY(ak_config(&c, 12, &tune));
+  AK_TRY(ak_int(&c, 5, "N", 1, (int64_t)1 << 40, &N));
+  AK_TRY(ak_epi(&c, 6, &e));
+  AK_TRY(ak_aligned(&c, w, "w_int8"));
+  const int64_t K = x->shape[x->ndim - 1], P = (N + AK_NR - 1) / AK_NR, K4 = (K + 3) / 4;
+  /* the column sums travel as float32: exact while K * 127 < 2^24 */
+  if (K > ((int64_t)1 << 24) / 127)
+    return ak_fail(&c, "ValueError", "K=%lld is too long for the int8 dense (at most %lld)",
+                   (long long)K, (long long)(((int64_t)1 << 24) / 127));
+  if (w->shape[0] != P || w->shape[1] != K4 || w->shape[2] != AK_NR || w->shape[3] != 4)
+    return ak_fail(&c, "ValueError", "w_int8 must be [%lld, %lld, %d, 4] for K=%lld, N=%lld "
+                   "(got [%lld, %lld, %lld, %lld])", (long long)P, (long long)K4, AK_NR,
+                   (long long)K, (long long)N, (long long)w->shape[0], (long long)w->shape[1],
+                   (long long)w->shape[2], (long long)w->shape[3]);
+  if (qp->shape[0] != 2 || qp->shape[1] != P * AK_NR)
+    return ak_fail(&c, "ValueError", "w_qparams must be [2, %lld] (scales, column sums) for N=%lld "
+                   "(got [%lld, %lld])", (long long)(P * AK_NR), (long long)N,
+                   (long long)qp->shape[0], (long long)qp->shape[1]);
+  if (out->ndim != x->ndim || out->shape[out->ndim - 1] != N)
+    return ak_fail(&c, "ValueError", "out must be x's shape with last dim N=%lld", (long long)N);
+  for (int d = 0; d + 1 < x->ndim; ++d)
+    if (out->shape[d] != x->shape[d])
+      return ak_fail(&c, "ValueError", "out dim %d is %lld, x has %lld", d,
+                     (long long)out->shape[d], (long long)x->shape[d]);
+  if (ak_numel(bias) != 0 && ak_numel(bias) != N)
+    return ak_fail(&c, "ValueError", "bias must have N=%lld elements (got %lld)", (long long)N,
+                   (long long)ak_numel(bias));
+  if (e.res_mode != AK_RES_NONE) AK_TRY(ak_same_shape(&c, res, out, "res", "out"));
+  const int64_t M = K ? ak_numel(x) / K : ak_numel(out) / N;
+  if (ak_dense_u8s8_f32(AK_DATA(x), M, K, (const int8_t*)((char*)w->data + w->byte_offset),
+                        AK_DATA(qp), N, AK_OPT(bias), e.res_mode ? AK_DATA(res) : NULL,
+                        AK_DATA(out), e, tune) != 0)
+    return ak_fail(&c, "MemoryError", "could not allocate %lld bytes for the quantized rows",
+                   (long long)(M * K4 * 4));
   return 0;
 }
 
@@ -483,6 +542,7 @@ static int ak_softmax(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* r
     return rc;                                                                         \
   }
 AK_DENORMALS_OFF(ak_dense)
+AK_DENORMALS_OFF(ak_dense_i8)
 AK_DENORMALS_OFF(ak_bmm)
 AK_DENORMALS_OFF(ak_conv2d)
 AK_DENORMALS_OFF(ak_conv2d_nhwc)
@@ -503,6 +563,7 @@ static int ak_register_one(const char* name, TVMFFISafeCallType fn) {
 int ak_register_all(void) {
   static const struct { const char* name; TVMFFISafeCallType fn; } table[] = {
       {"accelkit.cpu.dense", ak_dense_entry},
+      {"accelkit.cpu.dense_i8", ak_dense_i8_entry},
       {"accelkit.cpu.bmm", ak_bmm_entry},
       {"accelkit.cpu.conv2d", ak_conv2d_entry},
       {"accelkit.cpu.conv2d_nhwc", ak_conv2d_nhwc_entry},

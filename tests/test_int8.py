@@ -1,0 +1,261 @@
+"""The int8 dense kernel (accelkit.cpu.dense_i8) called directly: against a numpy model of the
+same quantization (rows of x to u8 at run time, per-channel s8 weights), on the VNNI path and the
+portable one, every epilogue, and bad arguments refused before any memory is touched."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from accelkit.backends.cpu import ACT_CODES, quantize_weight_int8
+from test_kernels import ACTS, NATIVE_ISA, close, none, t, with_epilogue  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def k():
+    from accelkit import kernels
+
+    kernels.load()
+    import tvm_ffi
+
+    return lambda name: tvm_ffi.get_global_func(f"accelkit.cpu.{name}")
+
+
+@pytest.fixture(params=["native", "portable"])
+def path(request, monkeypatch):
+    """The CPU's int8 path (VNNI where it has it), then the forced portable one."""
+    from accelkit import kernels
+
+    module = kernels.load()
+    if request.param == "portable":
+        monkeypatch.setenv("ACCELKIT_PORTABLE_KERNELS", "1")
+        module.register()
+    yield module.int8_path()
+    monkeypatch.delenv("ACCELKIT_PORTABLE_KERNELS", raising=False)
+    module.register()
+
+
+def quantize_rows(x: np.ndarray):
+    """The kernel's row quantization, in float32 like the C code: (q, scale, zero point)."""
+    x = x.astype(np.float32)
+    lo = np.minimum(x.min(axis=1), np.float32(0))
+    hi = np.maximum(x.max(axis=1), np.float32(0))
+    scale = ((hi - lo) / np.float32(255)).astype(np.float32)
+    scale[~(scale > 0)] = 1
+    inv = (np.float32(1) / scale).astype(np.float32)
+    zp = np.clip(np.rint(-lo * inv), 0, 255)
+    q = np.clip(np.rint(x * inv[:, None]) + zp[:, None], 0, 255)
+    return q.astype(np.int64), scale.astype(np.float64), zp.astype(np.int64)
+
+
+def int8_reference(x2: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x2[M, K] @ w[K, N] as the kernel computes it, in float64 from the quantized integers."""
+    q, s, z = quantize_rows(x2)
+    packed, qp = quantize_weight_int8(w)
+    n = w.shape[1]
+    wq = np.clip(np.rint(w.astype(np.float64) / qp[0, :n].astype(np.float64)), -127, 127).astype(np.int64)
+    acc = q @ wq
+    return s[:, None] * qp[0, :n].astype(np.float64) * (acc - z[:, None] * wq.sum(axis=0))
+
+
+def run_dense_i8(k, x, w, b=None, r=None, act=None, res=0, scale=1.0):
+    packed, qp = quantize_weight_int8(w)
+    n = w.shape[1]
+    out = t(np.zeros((*x.shape[:-1], n), np.float32))
+    k("dense_i8")(t(x), t(packed), t(qp), t(b) if b is not None else none(), t(r) if r is not None else none(),
+                  n, ACT_CODES[act], res, 0.0, 6.0, scale, out)
+    return out.numpy()
+
+
+def test_weight_quantization_is_per_channel_and_exact_on_the_grid():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((37, 45)).astype(np.float32)
+    w[:, 3] = 0  # an all-zero column: scale 1, no division by zero
+    packed, qp = quantize_weight_int8(w)
+    assert packed.dtype == np.int8 and packed.shape == (2, 10, 32, 4) and qp.shape == (2, 64)
+    unpacked = packed.transpose(1, 3, 0, 2).reshape(40, 64)[:37, :45].astype(np.float64)
+    assert np.abs(unpacked).max() == 127
+    np.testing.assert_array_equal(qp[1, :45], unpacked.sum(axis=0))
+    assert qp[0, 3] == 1 and not unpacked[:, 3].any()
+    # dequantized weights within half a step of the originals, per channel
+    assert (np.abs(unpacked * qp[0, :45] - w) <= qp[0, :45] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 45), (64, 96, 64), (1, 33, 31), (3, 2, 17, 40), (130, 768, 70)])
+@pytest.mark.parametrize("act", ["relu", "gelu", None, "clip"])
+def test_dense_i8_matches_the_quantized_reference(k, path, shape, act):
+    rng = np.random.default_rng(1)
+    *lead, kdim, n = shape
+    x = (rng.standard_normal((*lead, kdim)) + 0.3).astype(np.float32)
+    w = (rng.standard_normal((kdim, n)) / math.sqrt(kdim)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    got = run_dense_i8(k, x, w, b, act=act)
+    want = ACTS[act](int8_reference(x.reshape(-1, kdim), w) + b).reshape(got.shape)
+    close(got, want)
+    # and near the float result: 8-bit rows and channels keep about 1% of the signal's scale
+    exact = ACTS[act](x.astype(np.float64) @ w + b)
+    assert np.linalg.norm(got - exact) / np.linalg.norm(exact) < 0.02
+
+
+@pytest.mark.parametrize("res", [1, 2])
+def test_dense_i8_residual_and_scale(k, path, res):
+    rng = np.random.default_rng(2)
+    x, w = rng.standard_normal((19, 50)).astype(np.float32), rng.standard_normal((50, 33)).astype(np.float32)
+    r = rng.standard_normal((19, 33)).astype(np.float32)
+    b = rng.standard_normal(33).astype(np.float32)
+    got = run_dense_i8(k, x, w, b, r, act="silu", res=res, scale=0.5)
+    want = with_epilogue(0.5 * int8_reference(x, w) + b, r, "silu", res)
+    close(got, want)
+
+
+def test_dense_i8_rows_of_zeros_constants_and_k_not_a_multiple_of_4(k, path):
+    x = np.zeros((9, 13), np.float32)
+    x[1] = 2.5   # a constant positive row: zero point 0
+    x[2] = -1.0  # a constant negative row: zero point 255
+    x[3, ::2] = 7.0
+    w = np.random.default_rng(3).standard_normal((13, 20)).astype(np.float32)
+    got = run_dense_i8(k, x, w)
+    close(got, int8_reference(x, w))
+    assert not got[0].any()
+
+
+def test_int8_path_is_vnni_where_the_cpu_has_it(path, request):
+    from test_kernels import CPU_FLAGS
+
+    native = "vnni" if NATIVE_ISA == "avx512" and "avx512_vnni" in CPU_FLAGS else "portable"
+    assert path == (native if request.node.callspec.params["path"] == "native" else "portable")
+
+
+def test_dense_i8_refuses_bad_arguments(k):
+    x = np.ones((4, 8), np.float32)
+    w = np.ones((8, 5), np.float32)
+    packed, qp = quantize_weight_int8(w)
+    out = t(np.zeros((4, 5), np.float32))
+    f = k("dense_i8")
+    cases = [
+        ((t(x), t(packed.astype(np.float32)), t(qp), none(), none(), 5, 0, 0, 0.0, 0.0, 1.0, out), "w_int8 must be int8"),
+        ((t(x), t(packed[:, :1]), t(qp), none(), none(), 5, 0, 0, 0.0, 0.0, 1.0, out), r"w_int8 must be \[1, 2, 32, 4\]"),
+        ((t(x), t(packed), t(qp[:1]), none(), none(), 5, 0, 0, 0.0, 0.0, 1.0, out), r"w_qparams must be \[2, 32\]"),
+        ((t(x.astype(np.float64)), t(packed), t(qp), none(), none(), 5, 0, 0, 0.0, 0.0, 1.0, out), "x must be float32"),
+        ((t(x), t(packed), t(qp), t(np.ones(3, np.float32)), none(), 5, 0, 0, 0.0, 0.0, 1.0, out), "bias must have N=5"),
+        ((t(x), t(packed), t(qp), none(), none(), 5, 0, 0, 0.0, 0.0, 1.0, t(np.zeros((3, 5), np.float32))), "out dim 0"),
+        ((t(x), t(packed), t(qp), none(), none(), 5, 99, 0, 0.0, 0.0, 1.0, out), "act"),
+        ((t(x), t(packed), t(qp), none(), none(), 5, 0, 0, 0.0, 0.0, out), "expected 12 arguments"),
+    ]
+    for args, message in cases:
+        with pytest.raises((TypeError, ValueError), match=message):
+            f(*args)
+
+
+# ---- precision="int8" end to end ------------------------------------------------------------
+
+def _ffn_model():
+    """A transformer feed-forward block as torch exports it: MatMul + bias, erf GELU, MatMul +
+    bias, residual add."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from conftest import make_model
+
+    rng = np.random.default_rng(2)
+
+    def const(name, array):
+        return numpy_helper.from_array(np.asarray(array, np.float32), name)
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["m1"]), helper.make_node("Add", ["b1", "m1"], ["h"]),
+        helper.make_node("Div", ["h", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["e1"]), helper.make_node("Mul", ["h", "e1"], ["he"]),
+        helper.make_node("Mul", ["he", "half"], ["gelu"]),
+        helper.make_node("MatMul", ["gelu", "W2"], ["m2"]), helper.make_node("Add", ["m2", "b2"], ["o"]),
+        helper.make_node("Add", ["o", "x"], ["y"]),
+    ]
+    inits = [const("W1", rng.standard_normal((48, 96)) / 7), const("b1", rng.standard_normal(96)),
+             const("W2", rng.standard_normal((96, 48)) / 10), const("b2", rng.standard_normal(48)),
+             const("sqrt2", math.sqrt(2)), const("one", 1.0), const("half", 0.5)]
+    F = TensorProto.FLOAT
+    return make_model(nodes, [helper.make_tensor_value_info("x", F, [2, 7, 48])],
+                      [helper.make_tensor_value_info("y", F, [2, 7, 48])], inits)
+
+
+def _cosine(a, b):
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_int8_model_runs_the_int8_kernel_and_reports_its_accuracy():
+    import accelkit
+
+    proto = _ffn_model()
+    fp32 = accelkit.compile(proto, cache=False)
+    int8 = accelkit.compile(proto, cache=False, precision="int8")
+    assert int8.precision == "int8"
+    assert int8.manifest["offloaded"] == {"cpu.dense_i8_bias_gelu": 1, "cpu.dense_i8_bias_add": 1}
+    assert "accelkit.cpu.dense_i8" in int8.manifest["kernels"]
+    x = {"x": np.random.default_rng(9).standard_normal((2, 7, 48)).astype(np.float32)}
+    got, want = int8.run(x)[0], fp32.run(x)[0]
+    assert not np.array_equal(got, want)  # it did quantize
+    assert _cosine(got, want) > 0.999
+    accuracy = int8.manifest["accuracy"]
+    assert accuracy["reference"] == "fp32" and accuracy["inputs"] == "random" and accuracy["batches"] == 4
+    assert set(accuracy["outputs"]) == {"y"}
+    assert 0.999 < accuracy["min_cosine"] < 1.0 and 0.0 < accuracy["max_rel_l2"] < 0.05
+    assert "accuracy" not in fp32.manifest
+
+
+def test_calibration_batches_are_what_accuracy_is_measured_on(tmp_path):
+    import accelkit
+
+    proto = _ffn_model()
+    rng = np.random.default_rng(4)
+    stacked = {"x": rng.standard_normal((3, 2, 7, 48)).astype(np.float32)}
+    model = accelkit.compile(proto, cache=False, precision="int8", calibration=stacked)
+    a = model.manifest["accuracy"]
+    assert a["inputs"] == "calibration" and a["batches"] == 3
+    # a directory of .npz files, one batch each, is the same data
+    for i in range(3):
+        np.savez(tmp_path / f"b{i}.npz", x=stacked["x"][i])
+    again = accelkit.compile(proto, cache=False, precision="int8", calibration=str(tmp_path))
+    assert again.manifest["accuracy"]["outputs"] == a["outputs"]
+    # a large-magnitude batch changes what is measured
+    loud = accelkit.compile(proto, cache=False, precision="int8", calibration={"x": stacked["x"] * 50})
+    assert loud.manifest["accuracy"]["outputs"] != a["outputs"]
+
+
+@pytest.mark.parametrize("calibration, message", [
+    ({"z": np.zeros((2, 7, 48), np.float32)}, r"exactly the model's inputs \['x'\]; missing \['x'\], unknown \['z'\]"),
+    ({"x": np.zeros((2, 7, 4), np.float32)}, r"'x' has shape \[2, 7, 4\]; expected \[2, 7, 48\]"),
+    ({"x": np.zeros((2, 7, 48), np.float64)}, "'x' is float64; the model takes float32"),
+    ("/nonexistent/cal.npz", "cannot read calibration data '/nonexistent/cal.npz'"),
+    (42, "calibration must be a dict of input arrays"),
+])
+def test_bad_calibration_is_refused_with_what_is_expected(calibration, message):
+    import accelkit
+
+    with pytest.raises(accelkit.OptionError, match=message):
+        accelkit.compile(_ffn_model(), cache=False, precision="int8", calibration=calibration)
+
+
+def test_calibration_is_for_reduced_precisions_only():
+    import accelkit
+
+    with pytest.raises(accelkit.OptionError, match="calibration= is for reduced precisions"):
+        accelkit.compile(_ffn_model(), cache=False, calibration={"x": np.zeros((2, 7, 48), np.float32)})
+
+
+def test_int8_on_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    import onnx
+
+    path = tmp_path / "ffn.onnx"
+    onnx.save(_ffn_model(), str(path))
+    env_cache = {"ACCELKIT_CACHE_DIR": str(tmp_path / "cache")}
+    import os
+
+    done = subprocess.run([sys.executable, "-m", "accelkit", "compile", str(path), "--precision", "int8"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **env_cache})
+    assert done.returncode == 0, done.stderr
+    assert "precision: int8" in done.stdout and "cpu.dense_i8_bias_gelu x1" in done.stdout
+    assert "accuracy vs fp32 (4 random batches): y cosine 0.99" in done.stdout
