@@ -19,7 +19,8 @@ ffi_includes, ffi_lib_dir = _tvm_ffi()
 kernels = Extension(
     "accelkit._kernels",
     sources=["accelkit/_kernels.pyx", "kernels/src/gemm.c", "kernels/src/portable.c",
-             "kernels/src/avx2.c", "kernels/src/avx512.c", "kernels/src/int8.c", "kernels/src/ffi.c"],
+             "kernels/src/avx2.c", "kernels/src/avx512.c", "kernels/src/int8.c", "kernels/src/w16.c",
+             "kernels/src/ffi.c"],
     include_dirs=["kernels/include", *ffi_includes],
     # Linked by soname: at import, `import tvm_ffi` has already loaded libtvm_ffi.so, which the
     # loader reuses; the $ORIGIN rpath finds the installed apache-tvm-ffi otherwise.

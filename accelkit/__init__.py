@@ -51,9 +51,11 @@ def compile(model, *, backend="cpu", precision="fp32", input_shapes=None, cache=
             tune=None, calibration=None, **options):
     """Compile an ONNX model (path, bytes or onnx.ModelProto) into a CompiledModel.
 
-    backend: a name from list_backends(); precision: "fp32", or "int8" (dense layers with int8
-    weights and activations; the build's accuracy against fp32 is measured and kept in
-    model.manifest["accuracy"], on the `calibration` batches if given, else random inputs);
+    backend: a name from list_backends(); precision: "fp32"; "int8" (dense layers with int8
+    weights and activations); "bf16" or "fp16" (16-bit weights for the dense layers of at most
+    8 rows, which are bound by reading their weights; the others stay fp32). A reduced
+    precision's accuracy against fp32 is measured and kept in model.manifest["accuracy"], on the
+    `calibration` batches if given, else random inputs;
     input_shapes: sizes for symbolic input dims, e.g. {"input_ids": [1, 128]};
     tune: search for faster schedules and kernel parameters first, within a budget ("10m",
     seconds, or accelkit.TuneOptions); the results are kept and later compiles reuse them.

@@ -17,10 +17,11 @@ cdef extern from "ak_kernels.h":
     int ak_isa()
     int ak_force_portable
     const char* ak_int8_path()
+    const char* ak_w16_path()
 
 cdef extern int ak_register_all() nogil
 
-KERNELS = ("accelkit.cpu.dense", "accelkit.cpu.dense_i8", "accelkit.cpu.bmm", "accelkit.cpu.conv2d",
+KERNELS = ("accelkit.cpu.dense", "accelkit.cpu.dense_i8", "accelkit.cpu.dense_w16", "accelkit.cpu.bmm", "accelkit.cpu.conv2d",
            "accelkit.cpu.conv2d_nhwc", "accelkit.cpu.layer_norm", "accelkit.cpu.softmax")
 
 
@@ -54,6 +55,11 @@ def isa():
 def int8_path():
     """The int8 kernels' path: 'vnni' (AVX512-VNNI dot products) or 'portable' (plain C)."""
     return ak_int8_path().decode()
+
+
+def w16_path():
+    """The 16-bit-weight (bf16/fp16) dense kernel's path: 'avx512' or 'portable'."""
+    return ak_w16_path().decode()
 
 
 def portable():

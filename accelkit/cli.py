@@ -101,8 +101,10 @@ def _feed_args(p):
 
 def _compile_args(p):
     p.add_argument("--backend", default="cpu", help="backend name (see `accelkit backends`)")
-    p.add_argument("--precision", default="fp32", help="fp32 or int8 (int8: dense layers; the accuracy "
-                                                       "against fp32 is measured and printed)")
+    p.add_argument("--precision", default="fp32",
+                   help="fp32, int8 (dense layers in int8), bf16 or fp16 (16-bit weights for the "
+                        "few-row, weight-bound dense layers); a reduced precision's accuracy against "
+                        "fp32 is measured and printed")
     p.add_argument("--calibration", metavar="DATA.npz|DIR",
                    help="batches to measure a reduced precision's accuracy on (an .npz with the input "
                         "names as keys, or a directory of them); default: random inputs")

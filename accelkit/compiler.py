@@ -26,7 +26,7 @@ def compile_model(
 ):
     """Compile an ONNX model (path, bytes or onnx.ModelProto) into a CompiledModel.
 
-    precision: fp32, or int8 where the backend supports it (Backend.precisions). A reduced
+    precision: fp32, int8, bf16 or fp16 where the backend supports it (Backend.precisions). A reduced
           precision is always measured: the fp32 build and this one run on the same batches and
           the manifest's "accuracy" holds each output's cosine similarity and relative error.
     calibration: the batches that measurement runs on (accelkit.accuracy lists the forms: a dict
@@ -52,7 +52,7 @@ def compile_model(
     if tune_options is not None and precision != "fp32":
         raise OptionError(f"tune= works on fp32 models in this accelkit version, not {precision!r}")
     if calibration is not None and precision == "fp32":
-        raise OptionError("calibration= is for reduced precisions (precision='int8'); an fp32 build "
+        raise OptionError("calibration= is for reduced precisions (int8, bf16, fp16); an fp32 build "
                           "needs no calibration data")
     if not isinstance(cache, bool):
         raise OptionError(f"cache must be True or False, got {cache!r}")

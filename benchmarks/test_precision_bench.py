@@ -98,3 +98,76 @@ def _int8_path() -> str:
     from accelkit import kernels
 
     return kernels.load().int8_path()
+
+
+# ---- 16-bit weights (bf16 / fp16) -----------------------------------------------------------
+
+def mlp4096(path: str) -> str:
+    """A batch-1 MLP 4096-4096-4096-4096-10 (relu), random weights: 192 MB of fp32 weights read
+    once per run, the memory-bound case bf16/fp16 weights are for."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    dims = [4096, 4096, 4096, 4096, 10]
+    nodes, inits, prev = [], [], "x"
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        inits += [numpy_helper.from_array((rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32), f"W{i}"),
+                  numpy_helper.from_array((rng.standard_normal(b) * 0.1).astype(np.float32), f"b{i}")]
+        nodes.append(helper.make_node("Gemm", [prev, f"W{i}", f"b{i}"], [f"g{i}"]))
+        prev = f"g{i}"
+        if i < len(dims) - 2:
+            nodes.append(helper.make_node("Relu", [prev], [f"r{i}"]))
+            prev = f"r{i}"
+    graph = helper.make_graph(nodes, "mlp4096", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4096])],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+W16_MODELS = {"mlp4096-batch1": 20, "bert-base": 3}
+
+
+@pytest.fixture(scope="module")
+def w16_systems(zoo_model, tmp_path_factory):
+    from model_zoo import INPUT_SHAPES, example_inputs
+
+    import accelkit
+
+    built = {}
+
+    def get(name):
+        if name not in built:
+            if name == "mlp4096-batch1":
+                path, shapes = mlp4096(str(tmp_path_factory.mktemp("mlp4096") / "mlp4096.onnx")), None
+            else:
+                path, shapes = zoo_model(name), INPUT_SHAPES.get(name)
+            models = {p: accelkit.compile(path, input_shapes=shapes, cache=False, tune=False, precision=p)
+                      for p in ("fp32", "bf16", "fp16")}
+            if name == "mlp4096-batch1":
+                feeds = {"x": np.random.default_rng(1).standard_normal((1, 4096)).astype(np.float32)}
+            else:
+                feeds = example_inputs(name, models["fp32"])
+            reference = models["fp32"].run(feeds)[0]
+            runs = {f"accelkit_{p}": (lambda m=m: m.run(feeds)) for p, m in models.items()}
+            cosines = {f"accelkit_{p}": _cosine(m.run(feeds)[0], reference) for p, m in models.items()}
+            built[name] = (runs, cosines, {p: m.manifest["offloaded"] for p, m in models.items()})
+        return built[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(W16_MODELS))
+def test_w16_same_run(benchmark, w16_systems, name):
+    runs, cosines, offloaded = w16_systems(name)
+    benchmark.group = "bf16/fp16 weights, same run"
+    ms = benchmark.pedantic(interleaved, args=(runs, 6, W16_MODELS[name]), rounds=1, iterations=1)
+    benchmark.extra_info.update(
+        model=name, ms={k: round(v, 3) for k, v in ms.items()},
+        cosine_vs_accelkit_fp32={k: round(v, 7) for k, v in cosines.items()},
+        offloaded=offloaded,
+        bf16_speedup_vs_fp32=round(ms["accelkit_fp32"] / ms["accelkit_bf16"], 3),
+        fp16_speedup_vs_fp32=round(ms["accelkit_fp32"] / ms["accelkit_fp16"], 3),
+    )

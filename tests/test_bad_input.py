@@ -89,8 +89,9 @@ def test_unknown_backend_lists_valid_ones(files):
 def test_unknown_precision_and_option(files):
     with pytest.raises(accelkit.OptionError, match="unknown precision 'fp8'.*fp32"):
         accelkit.compile(str(files / "mlp.onnx"), precision="fp8")
-    with pytest.raises(accelkit.OptionError, match="does not support precision 'bf16' yet; it supports fp32, int8"):
-        accelkit.compile(str(files / "mlp.onnx"), precision="bf16")
+    with pytest.raises(accelkit.OptionError, match="backend 'reference' does not support precision 'int8' yet; "
+                                                   "it supports fp32"):
+        accelkit.compile(str(files / "mlp.onnx"), backend="reference", precision="int8")
     with pytest.raises(accelkit.OptionError, match="unknown option.*frobnicate"):
         accelkit.compile(str(files / "mlp.onnx"), frobnicate=True)
     assert_clean_failure(cli("compile", str(files / "mlp.onnx"), "--precision", "fp8"), "fp8")

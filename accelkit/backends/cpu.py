@@ -63,6 +63,23 @@ def quantize_weight_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return packed, qparams
 
 
+W16_FORMATS = {"bf16": 0, "fp16": 1}  # AK_W16_BF16, AK_W16_FP16
+# a dense layer takes 16-bit weights only when it is bound by reading them: at most this many
+# rows (arithmetic intensity M/2 FLOP per fp32 weight byte, far under the FMA units' balance)
+W16_MAX_ROWS = 8
+
+
+def pack_weight_16(w: np.ndarray, fmt: str) -> np.ndarray:
+    """W[K, N] -> the bits of bf16 or fp16 panels [ceil(N/NR), K, NR] (uint16; bf16 rounded to
+    nearest even), the 16-bit dense kernel's layout."""
+    packed = pack_weight(w.astype(np.float32))
+    if fmt == "fp16":
+        return np.ascontiguousarray(packed.astype(np.float16).view(np.uint16))
+    bits = packed.view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return np.ascontiguousarray(rounded.astype(np.uint16))
+
+
 MR = 8  # rows per packed A micro-panel (AK_MR)
 
 
@@ -307,6 +324,15 @@ def _dense_args_int8(x, w, core):
     return [x, relax.const(packed), relax.const(qparams)], (ws[1],)
 
 
+def _dense_args_w16(x, w, core, fmt: str):
+    from tvm import relax
+
+    xs, ws = _f32(x, range(2, 9)), _f32(w, (2,))
+    if xs is None or ws is None or xs[-1] != ws[0] or math.prod(xs[:-1]) > W16_MAX_ROWS:
+        return None
+    return [x, relax.const(pack_weight_16(_const_value(w), fmt))], (ws[1], W16_FORMATS[fmt])
+
+
 def _conv_call(x, w, conv, layout: str):
     """(input shape, weight shape, output shape, (groups, SH, SW, pad top, pad left, DH, DW)) of
     a float32 conv2d in `layout` with OIHW weights, or None when the kernels do not take it."""
@@ -465,6 +491,14 @@ def dense_int8_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.dense_i
     return _fused_patterns(prefix, "dense_i8", kernel, "relax.matmul", -1, _dense_args_int8)
 
 
+def dense_w16_patterns(fmt: str, prefix: str = "cpu", kernel: str = "accelkit.cpu.dense_w16") -> list[KernelPattern]:
+    """matmul(x[..., K], const W[K, N]) with its epilogue and at most W16_MAX_ROWS rows -> the
+    dense kernel with bf16/fp16 weights (fp32 activations and sums). Larger layers are left to
+    the fp32 patterns: they are bound by arithmetic, where 16-bit weights only add conversions."""
+    return _fused_patterns(prefix, f"dense_{fmt}", kernel, "relax.matmul", -1,
+                           functools.partial(_dense_args_w16, fmt=fmt))
+
+
 def conv2d_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.conv2d") -> list[KernelPattern]:
     """conv2d(x NCHW, const W OIHW) with its epilogue -> the conv kernel (im2col GEMM, or the
     direct depthwise kernel)."""
@@ -570,6 +604,14 @@ LAYOUTS = ("nhwc", "nchw")
 WINOGRAD = ("auto", "off")
 
 
+def _w16_pays() -> bool:
+    """16-bit weights pay only where the kernels convert them in vector registers (AVX-512);
+    elsewhere a bf16/fp16 build keeps every layer fp32, so it is never slower."""
+    from accelkit import kernels
+
+    return kernels.load().w16_path() == "avx512"
+
+
 def _choice(options: CompileOptions, name: str, choices: tuple[str, ...]) -> str:
     """The value of a string option (default: the first choice), or OptionError naming them."""
     value = options.extra.get(name, choices[0])
@@ -583,7 +625,7 @@ def _choice(options: CompileOptions, name: str, choices: tuple[str, ...]) -> str
 
 class CPUBackend(TVMBackend):
     name = "cpu"
-    precisions = ("fp32", "int8")
+    precisions = ("fp32", "int8", "bf16", "fp16")
     description = "host CPU: TVM llvm codegen + accelkit fused C kernels"
     options = {"layout": "activation layout of convolutional models: 'nhwc' (default: channels "
                          "last between convolutions) or 'nchw' (the model's own)",
@@ -595,7 +637,12 @@ class CPUBackend(TVMBackend):
         return host_target()
 
     def patterns(self, winograd: bool = True, precision: str = "fp32"):
-        dense = dense_int8_patterns() if precision == "int8" else dense_patterns()
+        if precision == "int8":
+            dense = dense_int8_patterns()
+        elif precision in W16_FORMATS and _w16_pays():
+            dense = dense_w16_patterns(precision) + dense_patterns()
+        else:
+            dense = dense_patterns()
         return (conv2d_nhwc_patterns(winograd=winograd) + conv2d_patterns() + dense
                 + bmm_patterns() + norm_patterns())
 
@@ -605,6 +652,12 @@ class CPUBackend(TVMBackend):
 
     def prepare(self, mod, options: CompileOptions):
         _choice(options, "winograd", WINOGRAD)  # refused before the long part, not after it
+        if options.precision in W16_FORMATS and not _w16_pays():
+            import logging
+
+            logging.getLogger("accelkit").warning(
+                "precision=%r: this CPU has no AVX-512, where 16-bit weights would only add "
+                "conversions; every layer stays fp32", options.precision)
         if options.precision == "int8":
             from accelkit import kernels
 

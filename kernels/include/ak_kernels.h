@@ -165,6 +165,23 @@ void ak_ukr_i8_vnni(int mr, int64_t K4, const uint8_t* a, int64_t lda, const int
                     const float* w_scale, const float* w_sum, const float* bias, const float* res,
                     int64_t ldr, const ak_epilogue* epi);
 
+/* Dense with 16-bit weights (bf16 or fp16), fp32 activations and fp32 sums, for the layers that
+ * are bound by reading their weights (few rows: batch-1 GEMVs): half the bytes of fp32.
+ *   out = epilogue(scale * x @ W + bias), W as wh[P][K][AK_NR] (fmt 0: bf16, 1: fp16),
+ * converted to fp32 in registers. Rows are taken AK_MR at a time per weight panel. */
+enum { AK_W16_BF16 = 0, AK_W16_FP16 = 1 };
+void ak_dense_w16_f32(const float* x, int64_t M, int64_t K, const uint16_t* wh, int fmt, int64_t N,
+                      const float* bias, const float* res, float* out, ak_epilogue epi,
+                      ak_tuning tune);
+/* The 16-bit-weight kernels' path: "avx512" or "portable" (which is slower than fp32). */
+const char* ak_w16_path(void);
+typedef void (*ak_ukr_w16_fn)(int mr, int64_t K, const float* a, int64_t lda, const uint16_t* bp,
+                              int fmt, float* c, int64_t ldc, int nv, const float* bias,
+                              const float* res, int64_t ldr, const ak_epilogue* epi);
+void ak_ukr_w16_avx512(int mr, int64_t K, const float* a, int64_t lda, const uint16_t* bp, int fmt,
+                       float* c, int64_t ldc, int nv, const float* bias, const float* res,
+                       int64_t ldr, const ak_epilogue* epi);
+
 /* Denormals: every kernel call runs with subnormal inputs read as zero and subnormal results
  * flushed to zero (MXCSR DAZ + FTZ) on each thread it uses, and restores the caller's mode.
  * Subnormals carry no information a model keeps, but each one costs an x86 core ~100 cycles

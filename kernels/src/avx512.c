@@ -670,3 +670,58 @@ AK_VNNI void ak_ukr_i8_vnni(int mr, int64_t K4, const uint8_t* a, int64_t lda, c
 #undef AK_CASE
 }
 #undef AK_VNNI
+
+/* ---- 16-bit weights (bf16 / fp16), fp32 activations and sums ----------------------------- */
+
+#define AK_W16 __attribute__((target("avx512f,avx512bw,avx512vl,f16c,avx2,fma")))
+
+AK_W16 AK_INLINE __m512 w16_load(const uint16_t* p, const int FMT) {
+  const __m256i h = _mm256_load_si256((const __m256i*)p);
+  if (FMT == AK_W16_FP16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+AK_W16 AK_INLINE void ukr_w16_body(const int MR, const int FMT, int64_t K, const float* a,
+                                   int64_t lda, const uint16_t* bp, float* c, int64_t ldc, int nv,
+                                   const float* bias, const float* res, int64_t ldr,
+                                   const ak_epilogue* epi) {
+  const __mmask16 m0 = nv >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nv) - 1u);
+  const __mmask16 m1 = nv >= 32 ? (__mmask16)0xFFFF
+                                : (nv > 16 ? (__mmask16)((1u << (nv - 16)) - 1u) : 0);
+  __m512 acc0[AK_MR], acc1[AK_MR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 b0 = w16_load(bp + k * AK_NR, FMT), b1 = w16_load(bp + k * AK_NR + 16, FMT);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(a[i * lda + k]);
+      acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
+      acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
+    }
+  }
+  const __m512 bi0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
+  const __m512 bi1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    const float* r = res ? res + i * ldr : NULL;
+    _mm512_mask_storeu_ps(c + i * ldc, m0, v_epi(acc0[i], bi0, r, m0, epi));
+    if (m1) _mm512_mask_storeu_ps(c + i * ldc + 16, m1, v_epi(acc1[i], bi1, r ? r + 16 : r, m1, epi));
+  }
+}
+
+AK_W16 void ak_ukr_w16_avx512(int mr, int64_t K, const float* a, int64_t lda, const uint16_t* bp,
+                              int fmt, float* c, int64_t ldc, int nv, const float* bias,
+                              const float* res, int64_t ldr, const ak_epilogue* epi) {
+#define AK_CASE(n, f) case n: ukr_w16_body(n, f, K, a, lda, bp, c, ldc, nv, bias, res, ldr, epi); break;
+#define AK_SWITCH(f)                                                                          \
+  switch (mr) {                                                                               \
+    AK_CASE(8, f) AK_CASE(7, f) AK_CASE(6, f) AK_CASE(5, f) AK_CASE(4, f) AK_CASE(3, f)       \
+    AK_CASE(2, f) AK_CASE(1, f) default: break;                                               \
+  }
+  if (fmt == AK_W16_FP16) { AK_SWITCH(AK_W16_FP16) }
+  else { AK_SWITCH(AK_W16_BF16) }
+#undef AK_SWITCH
+#undef AK_CASE
+}
+#undef AK_W16

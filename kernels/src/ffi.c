@@ -278,6 +278,48 @@ static int ak_dense_i8(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* 
   return 0;
 }
 
+/* dense_w16(x[..., K], wh uint16 [P, K, NR], bias[N] | [0], res[..., N] | [0], N, fmt (0 bf16,
+ *           1 fp16), act, res_mode, lo, hi, scale, out[..., N]): ak_dense_w16_f32. */
+static int ak_dense_w16(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
+  (void)self; (void)result;
+  ak_call c = {"accelkit.cpu.dense_w16", args, n};
+  AK_TRY(ak_nargs(&c, 12, "x, w_16bit, bias, res, N, fmt, act, res_mode, lo, hi, scale, out"));
+  DLTensor *x, *w, *bias, *res, *out;
+  AK_NEED(x = ak_f32(&c, 0, "x", 1, 8));
+  AK_NEED(w = ak_typed(&c, 1, "w_16bit", 3, 3, kDLUInt, 16, "uint16 (bf16 or fp16 bits)"));
+  AK_NEED(bias = ak_f32(&c, 2, "bias", 1, 1));
+  AK_NEED(res = ak_f32(&c, 3, "res", 1, 8));
+  AK_NEED(out = ak_f32(&c, n - 1, "out", 1, 8));
+  int64_t N, fmt;
+  ak_epilogue e;
+  ak_tuning tune;
+  AK_TRY(ak_config(&c, 12, &tune));
+  AK_TRY(ak_int(&c, 4, "N", 1, (int64_t)1 << 40, &N));
+  AK_TRY(ak_int(&c, 5, "fmt", AK_W16_BF16, AK_W16_FP16, &fmt));
+  AK_TRY(ak_epi(&c, 6, &e));
+  AK_TRY(ak_aligned(&c, w, "w_16bit"));
+  const int64_t K = x->shape[x->ndim - 1], P = (N + AK_NR - 1) / AK_NR;
+  if (w->shape[0] != P || w->shape[1] != K || w->shape[2] != AK_NR)
+    return ak_fail(&c, "ValueError", "w_16bit must be [%lld, %lld, %d] for K=%lld, N=%lld "
+                   "(got [%lld, %lld, %lld])", (long long)P, (long long)K, AK_NR, (long long)K,
+                   (long long)N, (long long)w->shape[0], (long long)w->shape[1],
+                   (long long)w->shape[2]);
+  if (out->ndim != x->ndim || out->shape[out->ndim - 1] != N)
+    return ak_fail(&c, "ValueError", "out must be x's shape with last dim N=%lld", (long long)N);
+  for (int d = 0; d + 1 < x->ndim; ++d)
+    if (out->shape[d] != x->shape[d])
+      return ak_fail(&c, "ValueError", "out dim %d is %lld, x has %lld", d,
+                     (long long)out->shape[d], (long long)x->shape[d]);
+  if (ak_numel(bias) != 0 && ak_numel(bias) != N)
+    return ak_fail(&c, "ValueError", "bias must have N=%lld elements (got %lld)", (long long)N,
+                   (long long)ak_numel(bias));
+  if (e.res_mode != AK_RES_NONE) AK_TRY(ak_same_shape(&c, res, out, "res", "out"));
+  const int64_t M = K ? ak_numel(x) / K : ak_numel(out) / N;
+  ak_dense_w16_f32(AK_DATA(x), M, K, (const uint16_t*)((char*)w->data + w->byte_offset), (int)fmt,
+                   N, AK_OPT(bias), e.res_mode ? AK_DATA(res) : NULL, AK_DATA(out), e, tune);
+  return 0;
+}
+
 static void pack_transposed(const ak_gemm* g, int64_t bi, int64_t n0, float* dst) {
   /* B[k][n] = b[n][k]: b is [N, K] row-major per batch */
   const float* src = g->b + bi * g->b_bstride;
@@ -543,6 +585,7 @@ static int ak_softmax(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* r
   }
 AK_DENORMALS_OFF(ak_dense)
 AK_DENORMALS_OFF(ak_dense_i8)
+AK_DENORMALS_OFF(ak_dense_w16)
 AK_DENORMALS_OFF(ak_bmm)
 AK_DENORMALS_OFF(ak_conv2d)
 AK_DENORMALS_OFF(ak_conv2d_nhwc)
@@ -564,6 +607,7 @@ int ak_register_all(void) {
   static const struct { const char* name; TVMFFISafeCallType fn; } table[] = {
       {"accelkit.cpu.dense", ak_dense_entry},
       {"accelkit.cpu.dense_i8", ak_dense_i8_entry},
+      {"accelkit.cpu.dense_w16", ak_dense_w16_entry},
       {"accelkit.cpu.bmm", ak_bmm_entry},
       {"accelkit.cpu.conv2d", ak_conv2d_entry},
       {"accelkit.cpu.conv2d_nhwc", ak_conv2d_nhwc_entry},
