@@ -78,6 +78,13 @@ def _split(data: Mapping[str, Any], inputs) -> list[dict[str, Any]]:
     return [{name: np.ascontiguousarray(a[i]) for name, a in arrays.items()} for i in range(n)]
 
 
+def random_batch(compiled, seed: int) -> dict[str, Any]:
+    """The random batch `measure` uses (bench.random_feeds with the model's index bounds)."""
+    from accelkit.bench import random_feeds
+
+    return random_feeds(compiled.inputs, compiled.manifest.get("index_bounds"), seed=seed)
+
+
 def digest(batches: Sequence[Mapping[str, Any]] | None) -> str | None:
     """sha256 of the batches (names, dtypes, shapes, bytes): part of the cache key."""
     if batches is None:
@@ -99,6 +106,7 @@ def measure(reduced, reference, batches: Sequence[Mapping[str, Any]] | None, ind
     source = "calibration" if batches else "random"
     if not batches:
         batches = [random_feeds(reduced.inputs, index_bounds, seed=i) for i in range(RANDOM_BATCHES)]
+    # (random_batch(compiled, i) gives the same batches, for accuracy=)
     names = [s.name for s in reduced.outputs]
     worst: dict[str, dict[str, float]] = {}
     for feeds in batches:
@@ -117,3 +125,89 @@ def measure(reduced, reference, batches: Sequence[Mapping[str, Any]] | None, ind
         "min_cosine": min((v["cosine"] for v in worst.values()), default=float("nan")),
         "max_rel_l2": max((v["rel_l2"] for v in worst.values()), default=float("nan")),
     }
+
+
+# ---- accuracy=: keeping the layers quantization hurts most in fp32 -----------------------------
+
+def weight_digest(w) -> str:
+    """The identity of a dense layer's constant weight as the backend's patterns see it
+    ([K, N] float32; a Gemm with transB=1 is seen transposed, so callers add both)."""
+    import numpy as np
+
+    w = np.ascontiguousarray(np.asarray(w, np.float32))
+    return hashlib.sha256(f"{w.shape}".encode() + w.tobytes()).hexdigest()[:24]
+
+
+def dense_layers(proto) -> list[dict[str, Any]]:
+    """The MatMul/Gemm nodes of an ONNX model whose second operand is a 2-D float initializer
+    (what the dense patterns offload): node name, op, input name, weight [K, N], digests."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    layers = []
+    for i, node in enumerate(proto.graph.node):
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        if node.op_type == "Gemm" and "transA" in attrs and attrs["transA"].i:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if w.ndim != 2 or w.dtype.kind != "f":
+            continue
+        if node.op_type == "Gemm" and "transB" in attrs and attrs["transB"].i:
+            w = w.T
+        layers.append({"node": node.name or f"{node.op_type}_{i}", "op": node.op_type, "input": node.input[0],
+                       "weight": w.astype(np.float32), "digests": {weight_digest(w), weight_digest(w.T)}})
+    return layers
+
+
+def _int8_product_error(a, w) -> float:
+    """Relative L2 error of the int8 dense kernel's product (rows of a to u8, channels of w to
+    s8) against the float product: how much quantizing this one layer changes its output."""
+    import numpy as np
+
+    a = np.asarray(a, np.float32).reshape(-1, w.shape[0])
+    lo, hi = np.minimum(a.min(axis=1), 0), np.maximum(a.max(axis=1), 0)
+    scale = (hi - lo) / np.float32(255)
+    scale[~(scale > 0)] = 1
+    zp = np.clip(np.rint(-lo / scale), 0, 255)
+    qa = (np.clip(np.rint(a / scale[:, None]) + zp[:, None], 0, 255) - zp[:, None]) * scale[:, None]
+    amax = np.abs(w).max(axis=0)
+    ws = np.where(amax > 0, amax / 127.0, 1.0)
+    qw = np.clip(np.rint(w / ws), -127, 127) * ws
+    exact = a.astype(np.float64) @ w.astype(np.float64)
+    return float(np.linalg.norm(qa.astype(np.float64) @ qw - exact) / max(np.linalg.norm(exact), 1e-30))
+
+
+def layer_errors(proto, batches: Sequence[Mapping[str, Any]], precision: str) -> list[dict[str, Any]]:
+    """Each dense layer's own quantization error on the batches (onnx's reference evaluator
+    gives every layer's input), worst first. bf16/fp16 layers: the weights' rounding error."""
+    import numpy as np
+    from onnx.reference import ReferenceEvaluator
+
+    layers = dense_layers(proto)
+    if not layers:
+        return []
+    evaluator = ReferenceEvaluator(proto)
+    errors = {layer["node"]: 0.0 for layer in layers}
+    for feeds in batches:
+        values = evaluator.run(None, dict(feeds), intermediate=True)
+        for layer in layers:
+            a = values.get(layer["input"])
+            if a is None:
+                continue
+            w = layer["weight"]
+            if precision == "int8":
+                e = _int8_product_error(a, w)
+            else:
+                rounded = w.astype(np.float16).astype(np.float64) if precision == "fp16" else (
+                    (w.view(np.uint32).astype(np.uint64) + 0x7FFF + ((w.view(np.uint32).astype(np.uint64) >> 16) & 1))
+                    >> 16 << 16).astype(np.uint32).view(np.float32).astype(np.float64)
+                a2 = np.asarray(a, np.float64).reshape(-1, w.shape[0])
+                exact = a2 @ w
+                e = float(np.linalg.norm(a2 @ rounded - exact) / max(np.linalg.norm(exact), 1e-30))
+            errors[layer["node"]] = max(errors[layer["node"]], e)
+    ranked = sorted(layers, key=lambda layer: -errors[layer["node"]])
+    return [{"node": layer["node"], "op": layer["op"], "layer_error": errors[layer["node"]],
+             "digests": sorted(layer["digests"])} for layer in ranked]

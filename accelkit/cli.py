@@ -105,6 +105,9 @@ def _compile_args(p):
                    help="fp32, int8 (dense layers in int8), bf16 or fp16 (16-bit weights for the "
                         "few-row, weight-bound dense layers); a reduced precision's accuracy against "
                         "fp32 is measured and printed")
+    p.add_argument("--accuracy", type=float, metavar="MIN_COSINE",
+                   help="with a reduced precision: keep the dense layers it hurts most in fp32 until "
+                        "every output's cosine to fp32 is at least this (e.g. 0.99)")
     p.add_argument("--calibration", metavar="DATA.npz|DIR",
                    help="batches to measure a reduced precision's accuracy on (an .npz with the input "
                         "names as keys, or a directory of them); default: random inputs")
@@ -148,7 +151,8 @@ def _compile(args):
 
     return accelkit.compile(args.model, backend=args.backend, precision=args.precision,
                             input_shapes=_input_shapes(args.input_shape),
-                            calibration=getattr(args, "calibration", None), **_backend_options(args.option))
+                            calibration=getattr(args, "calibration", None),
+                            accuracy=getattr(args, "accuracy", None), **_backend_options(args.option))
 
 
 def _fmt_specs(specs):
@@ -178,6 +182,10 @@ def _print_summary(m):
         print(f"  accuracy vs {a['reference']} ({a['batches']} {a['inputs']} batches): "
               + ", ".join(f"{name} cosine {v['cosine']:.5f} rel. error {v['rel_l2']:.2e}"
                           for name, v in a["outputs"].items()))
+        if "budget" in a:
+            print(f"  accuracy budget: min cosine {a['budget']} {'met' if a['met'] else 'NOT met'}; "
+                  f"kept in fp32: " + (", ".join(f"{k['node']} ({k['op']}, own error {k['layer_error']:.2e})"
+                                                 for k in a["kept_fp32"]) or "none"))
 
 
 def _spec_str(s):

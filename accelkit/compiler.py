@@ -22,6 +22,7 @@ def compile_model(
     cache: bool = True,
     tune=None,
     calibration=None,
+    accuracy: float | None = None,
     **options: Any,
 ):
     """Compile an ONNX model (path, bytes or onnx.ModelProto) into a CompiledModel.
@@ -31,6 +32,10 @@ def compile_model(
           the manifest's "accuracy" holds each output's cosine similarity and relative error.
     calibration: the batches that measurement runs on (accelkit.accuracy lists the forms: a dict
           of input arrays, a list of them, an .npz file or a directory); default: random inputs.
+    accuracy: the least cosine similarity to fp32 every output must keep (e.g. 0.99). When the
+          reduced build falls short, the dense layers whose own quantization error is largest
+          are kept in fp32, a few more per rebuild, until it holds; manifest["accuracy"] lists
+          them ("kept_fp32") with their errors.
     input_shapes: sizes for symbolic dims, e.g. {"input_ids": [1, 128]}.
     cache: reuse a previous compilation of the same thing (accelkit.cache; cache=False skips).
     tune: a tuning budget ("10m", seconds) or accelkit.TuneOptions: search first (resuming what
@@ -51,6 +56,13 @@ def compile_model(
     tune_options = parse_tune(tune)
     if tune_options is not None and precision != "fp32":
         raise OptionError(f"tune= works on fp32 models in this accelkit version, not {precision!r}")
+    if accuracy is not None:
+        if precision == "fp32":
+            raise OptionError("accuracy= is a budget for reduced precisions (int8, bf16, fp16); an fp32 "
+                              "build is the reference it is measured against")
+        if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) or not 0 < accuracy <= 1:
+            raise OptionError(f"accuracy must be the least cosine similarity to fp32 to keep, a number in "
+                              f"(0, 1] such as 0.99; got {accuracy!r}")
     if calibration is not None and precision == "fp32":
         raise OptionError("calibration= is for reduced precisions (int8, bf16, fp16); an fp32 build "
                           "needs no calibration data")
@@ -74,19 +86,64 @@ def compile_model(
         tuning_report = tuning.tune(model, backend=be.name, input_shapes=input_shapes, options=tune_options)
     compiled = _compile(model, be, precision, input_shapes, cache, options, apply_tuning=tune is not False,
                         calibration=calibration)
+    if accuracy is not None:
+        compiled = _meet_accuracy(compiled, float(accuracy), model, be, precision, input_shapes, cache, options,
+                                  apply_tuning=tune is not False, calibration=calibration)
     if tuning_report is not None:
         compiled.tuning_report = tuning_report
     return compiled
 
 
-def _compile(model, be, precision, input_shapes, cache, options, *, apply_tuning: bool, calibration=None):
+def _meet_accuracy(compiled, budget: float, model, be, precision, input_shapes, cache, options, *,
+                   apply_tuning: bool, calibration):
+    """Rebuild with the most quantization-sensitive dense layers in fp32 (1, then 2, 4, ... more
+    per rebuild, worst first) until every output's cosine to fp32 is at least `budget`."""
+    import logging
+
+    from accelkit import accuracy as acc
+    from accelkit import frontend
+
+    report = compiled.manifest.get("accuracy") or {}
+    if report.get("min_cosine", 0.0) >= budget:
+        compiled.manifest["accuracy"] = {**report, "budget": budget, "met": True, "kept_fp32": []}
+        return compiled
+    proto = frontend.prepare(model, input_shapes).proto
+    batches = (acc.load_batches(calibration, compiled.inputs) if calibration is not None else
+               [acc.random_batch(compiled, seed=i) for i in range(acc.RANDOM_BATCHES)])
+    ranked = [layer for layer in acc.layer_errors(proto, batches, precision) if layer["layer_error"] > 0]
+    kept: list[dict] = []
+    step = 1
+    while report.get("min_cosine", 0.0) < budget and len(kept) < len(ranked):
+        kept = ranked[:len(kept) + step]
+        step *= 2
+        keep = frozenset(d for layer in kept for d in layer["digests"])
+        compiled = _compile(model, be, precision, input_shapes, cache, options, apply_tuning=apply_tuning,
+                            calibration=calibration, keep_fp32=keep)
+        report = compiled.manifest.get("accuracy") or {}
+    met = report.get("min_cosine", 0.0) >= budget
+    if not met:
+        logging.getLogger("accelkit").warning(
+            "accuracy=%s not met: min cosine %.5f with %d dense layer(s) in fp32 (all of them); the rest of "
+            "the %s build (not the dense layers) stays as it is", budget, report.get("min_cosine", 0.0),
+            len(kept), precision)
+    compiled.manifest["accuracy"] = {
+        **report, "budget": budget, "met": met,
+        "kept_fp32": [{"node": layer["node"], "op": layer["op"], "layer_error": layer["layer_error"],
+                       "why": f"its own {precision} error, {layer['layer_error']:.2e} relative, is among the "
+                              f"largest of the model's {len(ranked)} dense layers"} for layer in kept],
+    }
+    return compiled
+
+
+def _compile(model, be, precision, input_shapes, cache, options, *, apply_tuning: bool, calibration=None,
+             keep_fp32: frozenset = frozenset()):
     from accelkit.backends import CompileOptions, TVMBackend
     from accelkit.tuning import applied_tuning
 
     tuning = None
     if apply_tuning and isinstance(be, TVMBackend) and precision == "fp32":
         tuning = applied_tuning(be, be.target(CompileOptions()))
-    compile_options = CompileOptions(precision=precision, extra=dict(options), tuning=tuning)
+    compile_options = CompileOptions(precision=precision, extra=dict(options), tuning=tuning, keep_fp32=keep_fp32)
     # a reduced precision is measured against fp32 on these (None: random inputs)
     accuracy = None
     if precision != "fp32":
@@ -153,6 +210,7 @@ def _key_components(model, input_shapes, be, options) -> dict[str, Any] | None:
         "precision": options.precision,
         "calibration": None,  # digest of the calibration batches (reduced precisions)
         "tuning_db": options.tuning.digest if options.tuning is not None else None,
+        **({"keep_fp32": sorted(options.keep_fp32)} if options.keep_fp32 else {}),
         "options": options.extra,
         "versions": artifact.versions(),
     }

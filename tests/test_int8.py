@@ -180,7 +180,8 @@ def _ffn_model():
 
 def _cosine(a, b):
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    norms = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / norms) if norms > 0 else 0.0  # an all-zero output matches nothing
 
 
 def test_int8_model_runs_the_int8_kernel_and_reports_its_accuracy():
@@ -259,3 +260,77 @@ def test_int8_on_the_command_line(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "precision: int8" in done.stdout and "cpu.dense_i8_bias_gelu x1" in done.stdout
     assert "accuracy vs fp32 (4 random batches): y cosine 0.99" in done.stdout
+    broken = tmp_path / "broken.onnx"
+    onnx.save(_model_with_a_layer_int8_breaks(), str(broken))
+    done = subprocess.run([sys.executable, "-m", "accelkit", "compile", str(broken), "--precision", "int8",
+                           "--accuracy", "0.99"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env_cache})
+    assert done.returncode == 0, done.stderr
+    assert "accuracy budget: min cosine 0.99 met; kept in fp32: mm2 (MatMul, own error" in done.stdout
+
+
+# ---- accuracy=: the layer int8 breaks is kept in fp32 ------------------------------------------
+
+def _model_with_a_layer_int8_breaks():
+    """x -> mm1 (+ a bias with one huge channel, 3000) -> relu -> mm2 -> y, where mm2 ignores
+    that channel (its weight row is 0). fp32 is fine; int8's per-row range for mm2's input is
+    then [0, 3000], one step 12: every other activation (about 1) rounds to 0, and mm2 breaks.
+    mm1's input is ordinary."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from conftest import make_model
+
+    rng = np.random.default_rng(5)
+    w1 = (rng.standard_normal((32, 64)) / 6).astype(np.float32)
+    b1 = (rng.standard_normal(64) * 0.1).astype(np.float32)
+    b1[0] = 3000.0
+    w2 = (rng.standard_normal((64, 16)) / 8).astype(np.float32)
+    w2[0] = 0.0
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["m1"], name="mm1"),
+             helper.make_node("Add", ["m1", "b1"], ["h"], name="bias1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu1"),
+             helper.make_node("MatMul", ["r", "W2"], ["y"], name="mm2")]
+    F = TensorProto.FLOAT
+    return make_model(nodes, [helper.make_tensor_value_info("x", F, [8, 32])],
+                      [helper.make_tensor_value_info("y", F, [8, 16])],
+                      [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(b1, "b1"),
+                       numpy_helper.from_array(w2, "W2")])
+
+
+def test_accuracy_budget_keeps_the_layer_int8_breaks_in_fp32_and_names_it():
+    import accelkit
+
+    proto = _model_with_a_layer_int8_breaks()
+    plain = accelkit.compile(proto, cache=False, precision="int8")
+    assert plain.manifest["accuracy"]["min_cosine"] < 0.9  # int8 breaks it
+    rescued = accelkit.compile(proto, cache=False, precision="int8", accuracy=0.99)
+    a = rescued.manifest["accuracy"]
+    assert a["budget"] == 0.99 and a["met"] and a["min_cosine"] >= 0.99
+    assert [k["node"] for k in a["kept_fp32"]] == ["mm2"] and a["kept_fp32"][0]["layer_error"] > 0.5
+    assert "int8 error" in a["kept_fp32"][0]["why"]
+    # mm1 stays int8, mm2 runs the fp32 kernel
+    assert rescued.manifest["offloaded"] == {"cpu.dense_i8_bias_relu": 1, "cpu.dense": 1}
+    x = {"x": np.random.default_rng(6).standard_normal((8, 32)).astype(np.float32)}
+    fp32 = accelkit.compile(proto, cache=False).run(x)[0]
+    assert _cosine(rescued.run(x)[0], fp32) > 0.99 > _cosine(plain.run(x)[0], fp32)
+
+
+def test_accuracy_budget_already_met_keeps_everything_int8():
+    import accelkit
+
+    model = accelkit.compile(_ffn_model(), cache=False, precision="int8", accuracy=0.99)
+    a = model.manifest["accuracy"]
+    assert a["met"] and a["kept_fp32"] == []
+    assert model.manifest["offloaded"] == {"cpu.dense_i8_bias_gelu": 1, "cpu.dense_i8_bias_add": 1}
+
+
+@pytest.mark.parametrize("precision, accuracy, message", [
+    ("fp32", 0.99, "accuracy= is a budget for reduced precisions"),
+    ("int8", 1.5, r"a number in \(0, 1\]"),
+    ("int8", "high", r"a number in \(0, 1\]"),
+])
+def test_bad_accuracy_budget_is_refused(precision, accuracy, message):
+    import accelkit
+
+    with pytest.raises(accelkit.OptionError, match=message):
+        accelkit.compile(_ffn_model(), cache=False, precision=precision, accuracy=accuracy)

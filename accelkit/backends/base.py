@@ -65,6 +65,9 @@ class CompileOptions:
     exec_mode: str = "compiled"
     # the tuning records to apply (accelkit.tuning.Applied; the cache key holds its digest)
     tuning: Any = dataclasses.field(default=None, compare=False)
+    # dense layers kept in fp32 in a reduced-precision build (accelkit.accuracy.weight_digest of
+    # their weights): what compile(accuracy=) chose
+    keep_fp32: frozenset = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -314,23 +314,38 @@ def _dense_args(x, w, core):
     return [x, relax.const(pack_weight(_const_value(w).astype(np.float32)))], (ws[1],)
 
 
-def _dense_args_int8(x, w, core):
+def _kept(weight: np.ndarray, keep: frozenset) -> bool:
+    """True when compile(accuracy=) keeps this layer (by its weight) in fp32."""
+    if not keep:
+        return False
+    from accelkit.accuracy import weight_digest
+
+    return weight_digest(weight) in keep
+
+
+def _dense_args_int8(x, w, core, keep: frozenset = frozenset()):
     from tvm import relax
 
     xs, ws = _f32(x, range(2, 9)), _f32(w, (2,))
     if xs is None or ws is None or xs[-1] != ws[0] or ws[0] * 127 >= 1 << 24:
         return None
-    packed, qparams = quantize_weight_int8(_const_value(w).astype(np.float32))
+    weight = _const_value(w).astype(np.float32)
+    if _kept(weight, keep):
+        return None
+    packed, qparams = quantize_weight_int8(weight)
     return [x, relax.const(packed), relax.const(qparams)], (ws[1],)
 
 
-def _dense_args_w16(x, w, core, fmt: str):
+def _dense_args_w16(x, w, core, fmt: str, keep: frozenset = frozenset()):
     from tvm import relax
 
     xs, ws = _f32(x, range(2, 9)), _f32(w, (2,))
     if xs is None or ws is None or xs[-1] != ws[0] or math.prod(xs[:-1]) > W16_MAX_ROWS:
         return None
-    return [x, relax.const(pack_weight_16(_const_value(w), fmt))], (ws[1], W16_FORMATS[fmt])
+    weight = _const_value(w).astype(np.float32)
+    if _kept(weight, keep):
+        return None
+    return [x, relax.const(pack_weight_16(weight, fmt))], (ws[1], W16_FORMATS[fmt])
 
 
 def _conv_call(x, w, conv, layout: str):
@@ -485,18 +500,22 @@ def dense_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.dense") -> l
     return _fused_patterns(prefix, "dense", kernel, "relax.matmul", -1, _dense_args)
 
 
-def dense_int8_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.dense_i8") -> list[KernelPattern]:
+def dense_int8_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.dense_i8",
+                        keep: frozenset = frozenset()) -> list[KernelPattern]:
     """matmul(x[..., K], const W[K, N]) with its epilogue -> the int8 dense kernel: W quantized
-    per output channel at compile time, x's rows quantized when it runs."""
-    return _fused_patterns(prefix, "dense_i8", kernel, "relax.matmul", -1, _dense_args_int8)
+    per output channel at compile time, x's rows quantized when it runs. Layers whose weight
+    digest is in `keep` are refused (the fp32 patterns after these take them)."""
+    return _fused_patterns(prefix, "dense_i8", kernel, "relax.matmul", -1,
+                           functools.partial(_dense_args_int8, keep=keep))
 
 
-def dense_w16_patterns(fmt: str, prefix: str = "cpu", kernel: str = "accelkit.cpu.dense_w16") -> list[KernelPattern]:
+def dense_w16_patterns(fmt: str, prefix: str = "cpu", kernel: str = "accelkit.cpu.dense_w16",
+                       keep: frozenset = frozenset()) -> list[KernelPattern]:
     """matmul(x[..., K], const W[K, N]) with its epilogue and at most W16_MAX_ROWS rows -> the
     dense kernel with bf16/fp16 weights (fp32 activations and sums). Larger layers are left to
     the fp32 patterns: they are bound by arithmetic, where 16-bit weights only add conversions."""
     return _fused_patterns(prefix, f"dense_{fmt}", kernel, "relax.matmul", -1,
-                           functools.partial(_dense_args_w16, fmt=fmt))
+                           functools.partial(_dense_args_w16, fmt=fmt, keep=keep))
 
 
 def conv2d_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.conv2d") -> list[KernelPattern]:
@@ -636,11 +655,11 @@ class CPUBackend(TVMBackend):
     def target(self, options: CompileOptions):
         return host_target()
 
-    def patterns(self, winograd: bool = True, precision: str = "fp32"):
-        if precision == "int8":
-            dense = dense_int8_patterns()
+    def patterns(self, winograd: bool = True, precision: str = "fp32", keep: frozenset = frozenset()):
+        if precision == "int8":  # the fp32 ones take the layers kept in fp32
+            dense = dense_int8_patterns(keep=keep) + (dense_patterns() if keep else [])
         elif precision in W16_FORMATS and _w16_pays():
-            dense = dense_w16_patterns(precision) + dense_patterns()
+            dense = dense_w16_patterns(precision, keep=keep) + dense_patterns()
         else:
             dense = dense_patterns()
         return (conv2d_nhwc_patterns(winograd=winograd) + conv2d_patterns() + dense
@@ -648,7 +667,7 @@ class CPUBackend(TVMBackend):
 
     def patterns_for(self, options: CompileOptions):
         return self.patterns(winograd=_choice(options, "winograd", WINOGRAD) == "auto",
-                             precision=options.precision)
+                             precision=options.precision, keep=options.keep_fp32)
 
     def prepare(self, mod, options: CompileOptions):
         _choice(options, "winograd", WINOGRAD)  # refused before the long part, not after it
