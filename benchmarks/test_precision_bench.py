@@ -127,7 +127,7 @@ def mlp4096(path: str) -> str:
     return path
 
 
-W16_MODELS = {"mlp4096-batch1": 20, "bert-base": 3}
+W16_MODELS = {"mlp4096-batch1": 20, "bert-base": 6}
 
 
 @pytest.fixture(scope="module")
