@@ -96,8 +96,9 @@ def compile_model(
 
 def _meet_accuracy(compiled, budget: float, model, be, precision, input_shapes, cache, options, *,
                    apply_tuning: bool, calibration):
-    """Rebuild with the most quantization-sensitive dense layers in fp32 (1, then 2, 4, ... more
-    per rebuild, worst first) until every output's cosine to fp32 is at least `budget`."""
+    """Rebuild with the most quantization-sensitive dense layers in fp32 (worst first: 1, 3, 7,
+    ... of them, then a bisection back to the fewest that hold) until every output's cosine to
+    fp32 is at least `budget`."""
     import logging
 
     from accelkit import accuracy as acc
@@ -111,15 +112,32 @@ def _meet_accuracy(compiled, budget: float, model, be, precision, input_shapes, 
     batches = (acc.load_batches(calibration, compiled.inputs) if calibration is not None else
                [acc.random_batch(compiled, seed=i) for i in range(acc.RANDOM_BATCHES)])
     ranked = [layer for layer in acc.layer_errors(proto, batches, precision) if layer["layer_error"] > 0]
-    kept: list[dict] = []
-    step = 1
-    while report.get("min_cosine", 0.0) < budget and len(kept) < len(ranked):
-        kept = ranked[:len(kept) + step]
+
+    def build(count: int):
+        keep = frozenset(d for layer in ranked[:count] for d in layer["digests"])
+        model_ = _compile(model, be, precision, input_shapes, cache, options, apply_tuning=apply_tuning,
+                          calibration=calibration, keep_fp32=keep)
+        return model_, model_.manifest.get("accuracy") or {}
+
+    # the worst 1, 3, 7, ... layers until the budget holds, then bisect back between the last
+    # count that missed it and the first that met it: as few fp32 layers as the search finds
+    failing, count, step = 0, 0, 1
+    while report.get("min_cosine", 0.0) < budget and count < len(ranked):
+        failing = count
+        count = min(count + step, len(ranked))
         step *= 2
-        keep = frozenset(d for layer in kept for d in layer["digests"])
-        compiled = _compile(model, be, precision, input_shapes, cache, options, apply_tuning=apply_tuning,
-                            calibration=calibration, keep_fp32=keep)
-        report = compiled.manifest.get("accuracy") or {}
+        compiled, report = build(count)
+    best = (compiled, report, count)
+    if report.get("min_cosine", 0.0) >= budget:
+        while count - failing > 1:
+            middle = (failing + count) // 2
+            candidate, candidate_report = build(middle)
+            if candidate_report.get("min_cosine", 0.0) >= budget:
+                count, best = middle, (candidate, candidate_report, middle)
+            else:
+                failing = middle
+    compiled, report, count = best
+    kept = ranked[:count]
     met = report.get("min_cosine", 0.0) >= budget
     if not met:
         logging.getLogger("accelkit").warning(
