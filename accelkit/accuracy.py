@@ -140,16 +140,28 @@ def weight_digest(w) -> str:
 
 def dense_layers(proto) -> list[dict[str, Any]]:
     """The MatMul/Gemm nodes of an ONNX model whose second operand is a 2-D float initializer
-    (what the dense patterns offload): node name, op, input name, weight [K, N], digests."""
+    (what the dense patterns offload), and its 1x1 stride-1 unpadded ungrouped Convs (which int8
+    runs as dense layers over the pixels): node name, op, input name, weight [K, N], digests."""
     import numpy as np
     from onnx import numpy_helper
 
     inits = {t.name: t for t in proto.graph.initializer}
     layers = []
     for i, node in enumerate(proto.graph.node):
-        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+        if node.op_type not in ("MatMul", "Gemm", "Conv") or len(node.input) < 2 or node.input[1] not in inits:
             continue
         attrs = {a.name: a for a in node.attribute}
+        if node.op_type == "Conv":
+            w = numpy_helper.to_array(inits[node.input[1]])
+            ints = {k: list(a.ints) if a.ints else a.i for k, a in attrs.items()}
+            if (w.ndim != 4 or w.shape[2:] != (1, 1) or ints.get("group", 1) != 1
+                    or any(v != 1 for v in ints.get("strides", [1, 1]))
+                    or any(v != 0 for v in ints.get("pads", [0, 0, 0, 0]))):
+                continue
+            w = w[:, :, 0, 0].T.astype(np.float32)
+            layers.append({"node": node.name or f"Conv_{i}", "op": "Conv", "input": node.input[0],
+                           "weight": w, "digests": {weight_digest(w), weight_digest(w.T)}})
+            continue
         if node.op_type == "Gemm" and "transA" in attrs and attrs["transA"].i:
             continue
         w = numpy_helper.to_array(inits[node.input[1]])
@@ -197,6 +209,8 @@ def layer_errors(proto, batches: Sequence[Mapping[str, Any]], precision: str) ->
             a = values.get(layer["input"])
             if a is None:
                 continue
+            if layer["op"] == "Conv":  # NCHW -> pixels x channels
+                a = np.moveaxis(np.asarray(a), 1, -1)
             w = layer["weight"]
             if precision == "int8":
                 e = _int8_product_error(a, w)

@@ -1,12 +1,13 @@
 """Precision benchmarks (issue 7): accelkit fp32 and int8 against onnxruntime fp32 and
-onnxruntime int8 (`quantize_dynamic`, its recommended mode for transformers) on the same model
-and inputs, timed in alternating blocks in one run, with each one's cosine similarity to
+onnxruntime int8 (`quantize_dynamic` for transformers and the MLP, `quantize_static` QDQ for
+ResNet-50: its recommended modes) on the same model and inputs, timed in alternating blocks in one run, with each one's cosine similarity to
 onnxruntime's fp32 output.
 
     pytest benchmarks/test_precision_bench.py --benchmark-only --benchmark-json=precision.json
 
-accelkit int8 quantizes the dense layers (MatMul/Gemm with constant weights): weights per
-output channel at compile time, each activation row when the layer runs."""
+accelkit int8 quantizes the dense layers (MatMul/Gemm with constant weights) and the 1x1
+convolutions: weights per output channel at compile time, each activation row (pixel) when the
+layer runs."""
 import os
 import time
 
@@ -15,8 +16,9 @@ import pytest
 
 from test_models_bench import SETTLE_S
 
-MODELS = ["minilm", "bert-base", "mlp"]
-PER_BLOCK = {"minilm": 8, "bert-base": 3, "mlp": 50}
+MODELS = ["minilm", "bert-base", "mlp", "resnet50"]
+PER_BLOCK = {"minilm": 8, "bert-base": 3, "mlp": 50, "resnet50": 5}
+AGREEMENT_IMAGES = 16  # random images for ResNet-50's top-1 agreement with fp32
 
 
 def _cosine(a, b) -> float:
@@ -48,7 +50,10 @@ def systems(zoo_model, tmp_path_factory):
             fp32 = accelkit.compile(path, input_shapes=shapes, cache=False, tune=False)
             int8 = accelkit.compile(path, input_shapes=shapes, cache=False, tune=False, precision="int8")
             qpath = str(tmp_path_factory.mktemp("ort-int8") / f"{name}.int8.onnx")
-            quantize_dynamic(path, qpath, weight_type=QuantType.QInt8)
+            if name == "resnet50":
+                _quantize_static_qdq(path, qpath)
+            else:
+                quantize_dynamic(path, qpath, weight_type=QuantType.QInt8)
             ort32, ort8 = session(path), session(qpath)
             feeds = example_inputs(name, fp32)
             runs = {
@@ -58,10 +63,41 @@ def systems(zoo_model, tmp_path_factory):
             }
             reference = ort32.run(None, feeds)[0]
             cosines = {k: _cosine(run()[0], reference) for k, run in runs.items()}
-            built[name] = (runs, cosines, int8.manifest["accuracy"])
+            extra = {}
+            if name == "resnet50":  # top-1 agreement with accelkit fp32 over random images
+                rng = np.random.default_rng(7)
+                images = [rng.standard_normal((1, 3, 224, 224)).astype(np.float32) for _ in range(AGREEMENT_IMAGES)]
+                key = fp32.inputs[0].name
+                top = {k: [int(np.argmax(m.run({key: im})[0])) for im in images] for k, m in (("fp32", fp32), ("int8", int8))}
+                top["onnxruntime_int8"] = [int(np.argmax(ort8.run(None, {key: im})[0])) for im in images]
+                extra = {"top1_agreement_with_fp32": {
+                    k: sum(a == b for a, b in zip(top[k], top["fp32"])) / len(images) for k in ("int8", "onnxruntime_int8")}}
+            built[name] = (runs, cosines, {**int8.manifest["accuracy"], **extra})
         return built[name]
 
     return get
+
+
+def _quantize_static_qdq(path: str, qpath: str) -> None:
+    """onnxruntime's static int8 (QDQ, per-channel weights) calibrated on 8 random images."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(3)
+            self.batches = iter([{"input": rng.standard_normal((1, 3, 224, 224)).astype(np.float32)}
+                                 for _ in range(8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    import onnx
+
+    name = onnx.load(path, load_external_data=False).graph.input[0].name
+    reader = Reader()
+    reader.batches = iter([{name: b["input"]} for b in reader.batches])
+    quantize_static(path, qpath, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
 def interleaved(runs: dict, blocks: int, per_block: int) -> dict[str, float]:

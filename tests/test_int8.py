@@ -334,3 +334,40 @@ def test_bad_accuracy_budget_is_refused(precision, accuracy, message):
 
     with pytest.raises(accelkit.OptionError, match=message):
         accelkit.compile(_ffn_model(), cache=False, precision=precision, accuracy=accuracy)
+
+
+def test_int8_runs_the_1x1_convolutions_as_int8_dense_layers_and_keeps_the_rest_fp32():
+    """A bottleneck block: 1x1 (int8 dense over the pixels) -> 3x3 (fp32) -> 1x1 + residual (int8);
+    the 1x1 conv with stride 2 stays fp32 too."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import accelkit
+    from conftest import make_model
+
+    rng = np.random.default_rng(11)
+
+    def w(name, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) / math.sqrt(np.prod(shape[1:]))).astype(np.float32), name)
+
+    def b(name, n):
+        return numpy_helper.from_array((rng.standard_normal(n) * 0.1).astype(np.float32), name)
+
+    nodes = [helper.make_node("Conv", ["x", "W1", "b1"], ["c1"], name="reduce"), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "W2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="spatial"),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "W3", "b3"], ["c3"], name="expand"), helper.make_node("Add", ["c3", "x"], ["s"]),
+             helper.make_node("Relu", ["s"], ["r3"]),
+             helper.make_node("Conv", ["r3", "W4", "b4"], ["y"], strides=[2, 2], name="down")]
+    inits = [w("W1", 16, 32, 1, 1), b("b1", 16), w("W2", 16, 16, 3, 3), b("b2", 16), w("W3", 32, 16, 1, 1),
+             b("b3", 32), w("W4", 40, 32, 1, 1), b("b4", 40)]
+    F = TensorProto.FLOAT
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 32, 10, 10])],
+                       [helper.make_tensor_value_info("y", F, [1, 40, 5, 5])], inits)
+    model = accelkit.compile(proto, cache=False, precision="int8")
+    offloaded = model.manifest["offloaded"]
+    assert offloaded.get("cpu.conv1x1_i8_bias_relu") == 1 and offloaded.get("cpu.conv1x1_i8_bias_add_pre_relu") == 1
+    assert sum(v for k, v in offloaded.items() if k.startswith("cpu.conv2d_nhwc")) == 2  # 3x3 and stride 2
+    assert model.manifest["accuracy"]["min_cosine"] > 0.999
+    from accelkit.accuracy import dense_layers
+
+    assert [layer["node"] for layer in dense_layers(proto)] == ["reduce", "expand"]

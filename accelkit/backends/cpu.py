@@ -419,6 +419,33 @@ def _conv2d_nhwc_args(x, w, conv, winograd: bool = True):
 
 
 
+def _conv1x1_nhwc_args_int8(x, w, conv, keep: frozenset = frozenset()):
+    """A 1x1, stride-1, unpadded channels-last conv is a dense layer over the pixels:
+    x[N, H, W, C] @ W[C, Cout], so it runs the int8 dense kernel as it is."""
+    from tvm import relax
+
+    call = _conv_call(x, w, conv, "NHWC")
+    if call is None:
+        return None
+    xs, ws, out, ints = call
+    if (ints[0] != 1 or tuple(ws[2:]) != (1, 1) or ints[1:3] != (1, 1) or tuple(out[:3]) != tuple(xs[:3])
+            or ws[1] * 127 >= 1 << 24):
+        return None
+    weight = np.ascontiguousarray(_const_value(w).astype(np.float32)[:, :, 0, 0].T)  # [C, Cout]
+    if _kept(weight, keep):
+        return None
+    packed, qparams = quantize_weight_int8(weight)
+    return [x, relax.const(packed), relax.const(qparams)], (ws[0],)
+
+
+def conv1x1_int8_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.dense_i8",
+                          keep: frozenset = frozenset()) -> list[KernelPattern]:
+    """1x1 stride-1 channels-last conv2d with its epilogue -> the int8 dense kernel (per-pixel
+    u8 activations, per-output-channel s8 weights). Other convolutions stay fp32."""
+    return _fused_patterns(prefix, "conv1x1_i8", kernel, "relax.nn.conv2d", -1,
+                           functools.partial(_conv1x1_nhwc_args_int8, keep=keep))
+
+
 def conv2d_nhwc_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.conv2d_nhwc",
                          winograd: bool = True) -> list[KernelPattern]:
     """conv2d(x NHWC, const W OIHW) with its epilogue -> the channels-last conv kernel: a GEMM over
@@ -656,14 +683,15 @@ class CPUBackend(TVMBackend):
         return host_target()
 
     def patterns(self, winograd: bool = True, precision: str = "fp32", keep: frozenset = frozenset()):
+        convs = conv2d_nhwc_patterns(winograd=winograd) + conv2d_patterns()
         if precision == "int8":  # the fp32 ones take the layers kept in fp32
             dense = dense_int8_patterns(keep=keep) + (dense_patterns() if keep else [])
+            convs = conv1x1_int8_patterns(keep=keep) + convs
         elif precision in W16_FORMATS and _w16_pays():
             dense = dense_w16_patterns(precision, keep=keep) + dense_patterns()
         else:
             dense = dense_patterns()
-        return (conv2d_nhwc_patterns(winograd=winograd) + conv2d_patterns() + dense
-                + bmm_patterns() + norm_patterns())
+        return convs + dense + bmm_patterns() + norm_patterns()
 
     def patterns_for(self, options: CompileOptions):
         return self.patterns(winograd=_choice(options, "winograd", WINOGRAD) == "auto",
