@@ -48,7 +48,7 @@ def set_num_threads(n: int) -> int:
 
 
 def compile(model, *, backend="cpu", precision="fp32", input_shapes=None, cache=True,  # noqa: A001
-            tune=None, calibration=None, accuracy=None, **options):
+            tune=None, calibration=None, accuracy=None, sparsity=None, **options):
     """Compile an ONNX model (path, bytes or onnx.ModelProto) into a CompiledModel.
 
     backend: a name from list_backends(); precision: "fp32"; "int8" (dense layers with int8
@@ -57,6 +57,8 @@ def compile(model, *, backend="cpu", precision="fp32", input_shapes=None, cache=
     precision's accuracy against fp32 is measured and kept in model.manifest["accuracy"], on the
     `calibration` batches if given, else random inputs; accuracy=0.99 keeps the dense layers
     quantization hurts most in fp32 until every output's cosine to fp32 is at least 0.99;
+    sparsity=0.5 prunes half of each layer's weights (smallest magnitudes) and reports the
+    accuracy change (no sparse kernel: the speed is unchanged);
     input_shapes: sizes for symbolic input dims, e.g. {"input_ids": [1, 128]};
     tune: search for faster schedules and kernel parameters first, within a budget ("10m",
     seconds, or accelkit.TuneOptions); the results are kept and later compiles reuse them.
@@ -65,7 +67,8 @@ def compile(model, *, backend="cpu", precision="fp32", input_shapes=None, cache=
     from accelkit.compiler import compile_model
 
     return compile_model(model, backend=backend, precision=precision, input_shapes=input_shapes,
-                         cache=cache, tune=tune, calibration=calibration, accuracy=accuracy, **options)
+                         cache=cache, tune=tune, calibration=calibration, accuracy=accuracy,
+                         sparsity=sparsity, **options)
 
 
 def load(path):

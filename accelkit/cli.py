@@ -108,6 +108,9 @@ def _compile_args(p):
     p.add_argument("--accuracy", type=float, metavar="MIN_COSINE",
                    help="with a reduced precision: keep the dense layers it hurts most in fp32 until "
                         "every output's cosine to fp32 is at least this (e.g. 0.99)")
+    p.add_argument("--sparsity", type=float, metavar="FRACTION",
+                   help="prune this fraction of each layer's weights (smallest magnitudes) and report "
+                        "the accuracy change; accelkit has no sparse kernel, so the speed is unchanged")
     p.add_argument("--calibration", metavar="DATA.npz|DIR",
                    help="batches to measure a reduced precision's accuracy on (an .npz with the input "
                         "names as keys, or a directory of them); default: random inputs")
@@ -152,7 +155,8 @@ def _compile(args):
     return accelkit.compile(args.model, backend=args.backend, precision=args.precision,
                             input_shapes=_input_shapes(args.input_shape),
                             calibration=getattr(args, "calibration", None),
-                            accuracy=getattr(args, "accuracy", None), **_backend_options(args.option))
+                            accuracy=getattr(args, "accuracy", None), sparsity=getattr(args, "sparsity", None),
+                            **_backend_options(args.option))
 
 
 def _fmt_specs(specs):
@@ -177,6 +181,7 @@ def _print_summary(m):
     if m.get("offloaded") is not None:
         kernels = ", ".join(f"{k} x{v}" for k, v in sorted(m["offloaded"].items())) or "none"
         print(f"  offloaded: {kernels}")
+    _print_pruning(m)
     if m.get("accuracy"):
         a = m["accuracy"]
         print(f"  accuracy vs {a['reference']} ({a['batches']} {a['inputs']} batches): "
@@ -186,6 +191,15 @@ def _print_summary(m):
             print(f"  accuracy budget: min cosine {a['budget']} {'met' if a['met'] else 'NOT met'}; "
                   f"kept in fp32: " + (", ".join(f"{k['node']} ({k['op']}, own error {k['layer_error']:.2e})"
                                                  for k in a["kept_fp32"]) or "none"))
+
+
+def _print_pruning(m):
+    p = m.get("pruning")
+    if p:
+        a = p["accuracy"]
+        print(f"  pruning:   {p['zeroed_fraction']:.1%} of the weights of {p['layers']} layers zeroed; vs "
+              f"{a['reference']}: min cosine {a['min_cosine']:.5f}, max rel. error {a['max_rel_l2']:.2e}; "
+              f"speed: {p['speed']}")
 
 
 def _spec_str(s):

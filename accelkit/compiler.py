@@ -23,6 +23,7 @@ def compile_model(
     tune=None,
     calibration=None,
     accuracy: float | None = None,
+    sparsity: float | None = None,
     **options: Any,
 ):
     """Compile an ONNX model (path, bytes or onnx.ModelProto) into a CompiledModel.
@@ -36,6 +37,9 @@ def compile_model(
           reduced build falls short, the dense layers whose own quantization error is largest
           are kept in fp32, a few more per rebuild, until it holds; manifest["accuracy"] lists
           them ("kept_fp32") with their errors.
+    sparsity: prune that fraction of each MatMul/Gemm/Conv weight (smallest magnitudes) before
+          compiling; manifest["pruning"] reports the accuracy against the unpruned model and
+          the speed (accelkit has no sparse kernel: unchanged).
     input_shapes: sizes for symbolic dims, e.g. {"input_ids": [1, 128]}.
     cache: reuse a previous compilation of the same thing (accelkit.cache; cache=False skips).
     tune: a tuning budget ("10m", seconds) or accelkit.TuneOptions: search first (resuming what
@@ -63,6 +67,10 @@ def compile_model(
         if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) or not 0 < accuracy <= 1:
             raise OptionError(f"accuracy must be the least cosine similarity to fp32 to keep, a number in "
                               f"(0, 1] such as 0.99; got {accuracy!r}")
+    if sparsity is not None:
+        from accelkit.pruning import check_sparsity
+
+        check_sparsity(sparsity)
     if calibration is not None and precision == "fp32":
         raise OptionError("calibration= is for reduced precisions (int8, bf16, fp16); an fp32 build "
                           "needs no calibration data")
@@ -84,11 +92,26 @@ def compile_model(
         from accelkit import tuning
 
         tuning_report = tuning.tune(model, backend=be.name, input_shapes=input_shapes, options=tune_options)
+    pruning = None
+    if sparsity is not None:
+        from accelkit import pruning as prune_mod
+
+        original = model
+        model, pruning = prune_mod.prune(model, float(sparsity))
     compiled = _compile(model, be, precision, input_shapes, cache, options, apply_tuning=tune is not False,
                         calibration=calibration)
     if accuracy is not None:
         compiled = _meet_accuracy(compiled, float(accuracy), model, be, precision, input_shapes, cache, options,
                                   apply_tuning=tune is not False, calibration=calibration)
+    if pruning is not None:
+        from accelkit import accuracy as acc
+        from accelkit import pruning as prune_mod
+
+        unpruned = _compile(original, be, precision, input_shapes, cache, options, apply_tuning=tune is not False,
+                            calibration=calibration)
+        batches = acc.load_batches(calibration, compiled.inputs) if calibration is not None else None
+        compiled.manifest["pruning"] = prune_mod.report(pruning, compiled, unpruned, batches,
+                                                        compiled.manifest.get("index_bounds"))
     if tuning_report is not None:
         compiled.tuning_report = tuning_report
     return compiled
