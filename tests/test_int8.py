@@ -9,29 +9,20 @@ import numpy as np
 import pytest
 
 from accelkit.backends.cpu import ACT_CODES, quantize_weight_int8
-from test_kernels import ACTS, NATIVE_ISA, close, none, t, with_epilogue  # noqa: F401
-
-
-@pytest.fixture(scope="module")
-def k():
-    from accelkit import kernels
-
-    kernels.load()
-    import tvm_ffi
-
-    return lambda name: tvm_ffi.get_global_func(f"accelkit.cpu.{name}")
+from test_kernels import ACTS, NATIVE_ISA, close, k, none, t, with_epilogue  # noqa: F401
 
 
 @pytest.fixture(params=["native", "portable"])
 def path(request, monkeypatch):
-    """The CPU's int8 path (VNNI where it has it), then the forced portable one."""
+    """The kernel module on the CPU's best path (VNNI, AVX-512 where it has them), then on the
+    forced portable one."""
     from accelkit import kernels
 
     module = kernels.load()
     if request.param == "portable":
         monkeypatch.setenv("ACCELKIT_PORTABLE_KERNELS", "1")
         module.register()
-    yield module.int8_path()
+    yield module
     monkeypatch.delenv("ACCELKIT_PORTABLE_KERNELS", raising=False)
     module.register()
 
@@ -124,7 +115,7 @@ def test_int8_path_is_vnni_where_the_cpu_has_it(path, request):
     from test_kernels import CPU_FLAGS
 
     native = "vnni" if NATIVE_ISA == "avx512" and "avx512_vnni" in CPU_FLAGS else "portable"
-    assert path == (native if request.node.callspec.params["path"] == "native" else "portable")
+    assert path.int8_path() == (native if request.node.callspec.params["path"] == "native" else "portable")
 
 
 def test_dense_i8_refuses_bad_arguments(k):

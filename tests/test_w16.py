@@ -10,30 +10,8 @@ import numpy as np
 import pytest
 
 from accelkit.backends.cpu import ACT_CODES, W16_FORMATS, pack_weight_16
-from test_kernels import ACTS, close, none, t, with_epilogue
-
-
-@pytest.fixture(scope="module")
-def k():
-    from accelkit import kernels
-
-    kernels.load()
-    import tvm_ffi
-
-    return lambda name: tvm_ffi.get_global_func(f"accelkit.cpu.{name}")
-
-
-@pytest.fixture(params=["native", "portable"])
-def path(request, monkeypatch):
-    from accelkit import kernels
-
-    module = kernels.load()
-    if request.param == "portable":
-        monkeypatch.setenv("ACCELKIT_PORTABLE_KERNELS", "1")
-        module.register()
-    yield module.w16_path()
-    monkeypatch.delenv("ACCELKIT_PORTABLE_KERNELS", raising=False)
-    module.register()
+from test_int8 import path  # noqa: F401  -- the native and portable kernel paths
+from test_kernels import ACTS, close, k, none, t, with_epilogue  # noqa: F401
 
 
 def rounded(w: np.ndarray, fmt: str) -> np.ndarray:

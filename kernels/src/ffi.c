@@ -174,6 +174,23 @@ static int ak_epi(const ak_call* c, int i, ak_epilogue* e) {
   return 0;
 }
 
+/* The dense kernels' common checks: out is x's shape with last dim N, bias has N elements (or
+ * none), res is out's shape when the epilogue adds it. */
+static int ak_dense_io(const ak_call* c, const DLTensor* x, const DLTensor* out, const DLTensor* bias,
+                       const DLTensor* res, int64_t N, const ak_epilogue* e) {
+  if (out->ndim != x->ndim || out->shape[out->ndim - 1] != N)
+    return ak_fail(c, "ValueError", "out must be x's shape with last dim N=%lld", (long long)N);
+  for (int d = 0; d + 1 < x->ndim; ++d)
+    if (out->shape[d] != x->shape[d])
+      return ak_fail(c, "ValueError", "out dim %d is %lld, x has %lld", d,
+                     (long long)out->shape[d], (long long)x->shape[d]);
+  if (ak_numel(bias) != 0 && ak_numel(bias) != N)
+    return ak_fail(c, "ValueError", "bias must have N=%lld elements (got %lld)", (long long)N,
+                   (long long)ak_numel(bias));
+  if (e->res_mode != AK_RES_NONE) AK_TRY(ak_same_shape(c, res, out, "res", "out"));
+  return 0;
+}
+
 /* dense(x[..., K], wp[P, K, NR], bias[N] | [0], res[..., N] | [0], N, act, res_mode, lo, hi,
  *       scale, out[..., N]): out = epilogue(x @ W + bias), W packed by ak_pack_b_f32. */
 static int ak_dense(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
@@ -199,16 +216,7 @@ static int ak_dense(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* res
                    "(got [%lld, %lld, %lld])", (long long)((N + AK_NR - 1) / AK_NR),
                    (long long)K, AK_NR, (long long)K, (long long)N, (long long)w->shape[0],
                    (long long)w->shape[1], (long long)w->shape[2]);
-  if (out->ndim != x->ndim || out->shape[out->ndim - 1] != N)
-    return ak_fail(&c, "ValueError", "out must be x's shape with last dim N=%lld", (long long)N);
-  for (int d = 0; d + 1 < x->ndim; ++d)
-    if (out->shape[d] != x->shape[d])
-      return ak_fail(&c, "ValueError", "out dim %d is %lld, x has %lld", d,
-                     (long long)out->shape[d], (long long)x->shape[d]);
-  if (ak_numel(bias) != 0 && ak_numel(bias) != N)
-    return ak_fail(&c, "ValueError", "bias must have N=%lld elements (got %lld)", (long long)N,
-                   (long long)ak_numel(bias));
-  if (e.res_mode != AK_RES_NONE) AK_TRY(ak_same_shape(&c, res, out, "res", "out"));
+  AK_TRY(ak_dense_io(&c, x, out, bias, res, N, &e));
   ak_gemm g;
   memset(&g, 0, sizeof(g));
   g.batch = 1; g.M = ak_numel(x) / (K ? K : 1); g.N = N; g.K = K;
@@ -259,16 +267,7 @@ static int ak_dense_i8(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* 
     return ak_fail(&c, "ValueError", "w_qparams must be [2, %lld] (scales, column sums) for N=%lld "
                    "(got [%lld, %lld])", (long long)(P * AK_NR), (long long)N,
                    (long long)qp->shape[0], (long long)qp->shape[1]);
-  if (out->ndim != x->ndim || out->shape[out->ndim - 1] != N)
-    return ak_fail(&c, "ValueError", "out must be x's shape with last dim N=%lld", (long long)N);
-  for (int d = 0; d + 1 < x->ndim; ++d)
-    if (out->shape[d] != x->shape[d])
-      return ak_fail(&c, "ValueError", "out dim %d is %lld, x has %lld", d,
-                     (long long)out->shape[d], (long long)x->shape[d]);
-  if (ak_numel(bias) != 0 && ak_numel(bias) != N)
-    return ak_fail(&c, "ValueError", "bias must have N=%lld elements (got %lld)", (long long)N,
-                   (long long)ak_numel(bias));
-  if (e.res_mode != AK_RES_NONE) AK_TRY(ak_same_shape(&c, res, out, "res", "out"));
+  AK_TRY(ak_dense_io(&c, x, out, bias, res, N, &e));
   const int64_t M = K ? ak_numel(x) / K : ak_numel(out) / N;
   if (ak_dense_u8s8_f32(AK_DATA(x), M, K, (const int8_t*)((char*)w->data + w->byte_offset),
                         AK_DATA(qp), N, AK_OPT(bias), e.res_mode ? AK_DATA(res) : NULL,
@@ -304,16 +303,7 @@ static int ak_dense_w16(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny*
                    "(got [%lld, %lld, %lld])", (long long)P, (long long)K, AK_NR, (long long)K,
                    (long long)N, (long long)w->shape[0], (long long)w->shape[1],
                    (long long)w->shape[2]);
-  if (out->ndim != x->ndim || out->shape[out->ndim - 1] != N)
-    return ak_fail(&c, "ValueError", "out must be x's shape with last dim N=%lld", (long long)N);
-  for (int d = 0; d + 1 < x->ndim; ++d)
-    if (out->shape[d] != x->shape[d])
-      return ak_fail(&c, "ValueError", "out dim %d is %lld, x has %lld", d,
-                     (long long)out->shape[d], (long long)x->shape[d]);
-  if (ak_numel(bias) != 0 && ak_numel(bias) != N)
-    return ak_fail(&c, "ValueError", "bias must have N=%lld elements (got %lld)", (long long)N,
-                   (long long)ak_numel(bias));
-  if (e.res_mode != AK_RES_NONE) AK_TRY(ak_same_shape(&c, res, out, "res", "out"));
+  AK_TRY(ak_dense_io(&c, x, out, bias, res, N, &e));
   const int64_t M = K ? ak_numel(x) / K : ak_numel(out) / N;
   ak_dense_w16_f32(AK_DATA(x), M, K, (const uint16_t*)((char*)w->data + w->byte_offset), (int)fmt,
                    N, AK_OPT(bias), e.res_mode ? AK_DATA(res) : NULL, AK_DATA(out), e, tune);
