@@ -327,9 +327,9 @@ def test_bad_accuracy_budget_is_refused(precision, accuracy, message):
         accelkit.compile(_ffn_model(), cache=False, precision=precision, accuracy=accuracy)
 
 
-def test_int8_runs_the_1x1_convolutions_as_int8_dense_layers_and_keeps_the_rest_fp32():
-    """A bottleneck block: 1x1 (int8 dense over the pixels) -> 3x3 (fp32) -> 1x1 + residual (int8);
-    the 1x1 conv with stride 2 stays fp32 too."""
+def test_int8_runs_1x1_convolutions_as_dense_layers_and_the_others_in_the_int8_conv_kernel():
+    """A bottleneck block: 1x1 (the int8 dense kernel over the pixels) -> 3x3 (the int8 conv
+    kernel) -> 1x1 + residual (dense); the 1x1 conv with stride 2 gathers, so the conv kernel."""
     from onnx import TensorProto, helper, numpy_helper
 
     import accelkit
@@ -357,8 +357,63 @@ def test_int8_runs_the_1x1_convolutions_as_int8_dense_layers_and_keeps_the_rest_
     model = accelkit.compile(proto, cache=False, precision="int8")
     offloaded = model.manifest["offloaded"]
     assert offloaded.get("cpu.conv1x1_i8_bias_relu") == 1 and offloaded.get("cpu.conv1x1_i8_bias_add_pre_relu") == 1
-    assert sum(v for k, v in offloaded.items() if k.startswith("cpu.conv2d_nhwc")) == 2  # 3x3 and stride 2
+    assert offloaded.get("cpu.conv2d_nhwc_i8_bias_relu") == 1 and offloaded.get("cpu.conv2d_nhwc_i8_bias") == 1
     assert model.manifest["accuracy"]["min_cosine"] > 0.999
     from accelkit.accuracy import dense_layers
 
     assert [layer["node"] for layer in dense_layers(proto)] == ["reduce", "expand"]
+
+
+def _windows_nhwc(x, kh, kw, stride, pads, dil):
+    """im2col of a channels-last image batch: rows = output pixels, K = (ky, kx, c)."""
+    n, h, w, c = x.shape
+    pt, pl, pb, pr = pads
+    xp = np.zeros((n, h + pt + pb, w + pl + pr, c), x.dtype)
+    xp[:, pt:pt + h, pl:pl + w] = x
+    oh = (h + pt + pb - dil[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + pl + pr - dil[1] * (kw - 1) - 1) // stride[1] + 1
+    cols = [xp[:, ky * dil[0]: ky * dil[0] + stride[0] * (oh - 1) + 1: stride[0],
+               kx * dil[1]: kx * dil[1] + stride[1] * (ow - 1) + 1: stride[1]]
+            for ky in range(kh) for kx in range(kw)]
+    return np.concatenate(cols, axis=-1).reshape(n * oh * ow, kh * kw * c), (n, oh, ow)
+
+
+@pytest.mark.parametrize("case", [  # (n, c, h, w, cout, k, stride, pads, dil)
+    (1, 16, 9, 11, 40, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
+    (2, 3, 17, 15, 64, 7, (2, 2), (3, 3, 3, 3), (1, 1)),   # the ResNet stem's shape
+    (1, 32, 8, 8, 33, 1, (2, 2), (0, 0, 0, 0), (1, 1)),    # a strided 1x1 projection
+    (1, 8, 10, 10, 16, 3, (1, 1), (2, 2, 2, 2), (2, 2)),   # dilated
+])
+@pytest.mark.parametrize("act,res", [(None, 0), ("relu", 1)])
+def test_conv2d_nhwc_i8_matches_the_quantized_reference(k, path, case, act, res):
+    from accelkit.backends.cpu import quantize_conv_weight_int8
+
+    n, c, h, wd, cout, ks, stride, pads, dil = case
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((n, h, wd, c)).astype(np.float32)
+    w = (rng.standard_normal((cout, c, ks, ks)) / math.sqrt(c * ks * ks)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    rows, (n_, oh, ow) = _windows_nhwc(x, ks, ks, stride, pads, dil)
+    flat = w.transpose(2, 3, 1, 0).reshape(-1, cout)
+    want = int8_reference(rows, flat) + b
+    r = rng.standard_normal((n, oh, ow, cout)).astype(np.float32)
+    want = with_epilogue(want, r.reshape(-1, cout), act, res).reshape(n, oh, ow, cout)
+    packed, qp = quantize_conv_weight_int8(w)
+    out = t(np.zeros((n, oh, ow, cout), np.float32))
+    k("conv2d_nhwc_i8")(t(x), t(packed), t(qp), t(b), t(r) if res else none(), ks, ks, *stride, pads[0], pads[1],
+                        *dil, ACT_CODES[act], res, 0.0, 0.0, 1.0, out)
+    close(out.numpy(), want)
+    exact = with_epilogue(rows.astype(np.float64) @ flat + b, r.reshape(-1, cout), act, res).reshape(want.shape)
+    assert np.linalg.norm(out.numpy() - exact) / np.linalg.norm(exact) < 0.02
+
+
+def test_conv2d_nhwc_i8_refuses_bad_weights(k):
+    from accelkit.backends.cpu import quantize_conv_weight_int8
+
+    x = t(np.ones((1, 5, 5, 4), np.float32))
+    packed, qp = quantize_conv_weight_int8(np.ones((8, 4, 3, 3), np.float32))
+    out = t(np.zeros((1, 5, 5, 8), np.float32))
+    with pytest.raises(ValueError, match=r"w_int8 must be \[1, 1, 32, 4\] for a 1x1 window over 4 channels and 8 outputs \(got \[1, 9, 32, 4\]\)"):
+        k("conv2d_nhwc_i8")(x, t(packed), t(qp), none(), none(), 1, 1, 1, 1, 0, 0, 1, 1, 0, 0, 0.0, 0.0, 1.0, out)
+    with pytest.raises(ValueError, match="stride_h=0 is out of range"):
+        k("conv2d_nhwc_i8")(x, t(packed), t(qp), none(), none(), 3, 3, 0, 1, 1, 1, 1, 1, 0, 0, 0.0, 0.0, 1.0, out)

@@ -438,6 +438,38 @@ def _conv1x1_nhwc_args_int8(x, w, conv, keep: frozenset = frozenset()):
     return [x, relax.const(packed), relax.const(qparams)], (ws[0],)
 
 
+def quantize_conv_weight_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """OIHW [Cout, C, KH, KW] -> the int8 kernels' packed weights over K = (ky, kx, c), the order
+    of the channels-last conv's gathered windows (quantize_weight_int8 of W[K, Cout])."""
+    cout, c, kh, kw = w.shape
+    return quantize_weight_int8(np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(kh * kw * c, cout)))
+
+
+def _conv_nhwc_args_int8(x, w, conv, keep: frozenset = frozenset()):
+    from tvm import relax
+
+    call = _conv_call(x, w, conv, "NHWC")
+    if call is None:
+        return None
+    xs, ws, out, (groups, sh, sw, pt, pl, dh, dw) = call
+    if groups != 1 or ws[1] * ws[2] * ws[3] * 127 >= 1 << 24:
+        return None  # grouped/depthwise convolutions stay fp32
+    weight = _const_value(w).astype(np.float32)
+    flat = np.ascontiguousarray(weight.transpose(2, 3, 1, 0).reshape(-1, ws[0]))
+    if _kept(flat, keep):
+        return None
+    packed, qparams = quantize_conv_weight_int8(weight)
+    return [x, relax.const(packed), relax.const(qparams)], (ws[2], ws[3], sh, sw, pt, pl, dh, dw)
+
+
+def conv_int8_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.conv2d_nhwc_i8",
+                       keep: frozenset = frozenset()) -> list[KernelPattern]:
+    """Any other ungrouped channels-last conv2d with its epilogue -> the int8 conv kernel: each
+    output pixel's window quantized to u8 as it is gathered, s8 weights per output channel."""
+    return _fused_patterns(prefix, "conv2d_nhwc_i8", kernel, "relax.nn.conv2d", -1,
+                           functools.partial(_conv_nhwc_args_int8, keep=keep))
+
+
 def conv1x1_int8_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.dense_i8",
                           keep: frozenset = frozenset()) -> list[KernelPattern]:
     """1x1 stride-1 channels-last conv2d with its epilogue -> the int8 dense kernel (per-pixel
@@ -686,7 +718,7 @@ class CPUBackend(TVMBackend):
         convs = conv2d_nhwc_patterns(winograd=winograd) + conv2d_patterns()
         if precision == "int8":  # the fp32 ones take the layers kept in fp32
             dense = dense_int8_patterns(keep=keep) + (dense_patterns() if keep else [])
-            convs = conv1x1_int8_patterns(keep=keep) + convs
+            convs = conv1x1_int8_patterns(keep=keep) + conv_int8_patterns(keep=keep) + convs
         elif precision in W16_FORMATS and _w16_pays():
             dense = dense_w16_patterns(precision, keep=keep) + dense_patterns()
         else:

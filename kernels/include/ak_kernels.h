@@ -147,6 +147,12 @@ void ak_softmax_f32(const float* x, float* out, int64_t rows, int64_t D, int thr
 int ak_dense_u8s8_f32(const float* x, int64_t M, int64_t K, const int8_t* wq, const float* qp,
                       int64_t N, const float* bias, const float* res, float* out, ak_epilogue epi,
                       ak_tuning tune);
+/* int8 channels-last convolution (groups 1): the conv GEMM of ak_conv2d_nhwc_f32 over gathered
+ * windows, each window (output pixel) quantized to u8 like a dense row, weights wq/qp packed as
+ * for the dense kernel over K = (ky, kx, c). */
+void ak_conv2d_nhwc_u8s8_f32(const float* x, const int8_t* wq, const float* qp, const float* bias,
+                             const float* res, float* out, int64_t n, const ak_conv_geom* g,
+                             int64_t cout, ak_epilogue epi, ak_tuning tune);
 /* The int8 path the CPU runs: "vnni" (AVX512-VNNI) or "portable". */
 const char* ak_int8_path(void);
 /* Internal: one instruction set's int8 pieces. quant_rows quantizes rows of x[rows][K] into
@@ -160,6 +166,12 @@ typedef void (*ak_ukr_i8_fn)(int mr, int64_t K4, const uint8_t* a, int64_t lda, 
                              const ak_epilogue* epi);
 void ak_quant_rows_avx512(const float* x, int64_t rows, int64_t K, uint8_t* q, int64_t ldq,
                           float* scale, int32_t* zp);
+void ak_quant_rows_portable(const float* x, int64_t rows, int64_t K, uint8_t* q, int64_t ldq,
+                            float* scale, int32_t* zp);
+void ak_ukr_i8_portable(int mr, int64_t K4, const uint8_t* a, int64_t lda, const int8_t* bp,
+                        float* c, int64_t ldc, int nv, const float* a_scale, const int32_t* a_zp,
+                        const float* w_scale, const float* w_sum, const float* bias,
+                        const float* res, int64_t ldr, const ak_epilogue* epi);
 void ak_ukr_i8_vnni(int mr, int64_t K4, const uint8_t* a, int64_t lda, const int8_t* bp, float* c,
                     int64_t ldc, int nv, const float* a_scale, const int32_t* a_zp,
                     const float* w_scale, const float* w_sum, const float* bias, const float* res,

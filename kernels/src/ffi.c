@@ -524,6 +524,58 @@ static int ak_conv2d_nhwc(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAn
   return 0;
 }
 
+/* conv2d_nhwc_i8(x[N, H, W, C], wq int8 [P, K4, NR, 4], qp[2, P*NR], bias[Cout] | [0],
+ *               res | [0], KH, KW, SH, SW, PH, PW, DH, DW, act, res_mode, lo, hi, scale,
+ *               out[N, OH, OW, Cout]): ak_conv2d_nhwc_u8s8_f32 (groups 1), K = KH*KW*C. */
+static int ak_conv2d_nhwc_i8(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
+  (void)self; (void)result;
+  ak_call c = {"accelkit.cpu.conv2d_nhwc_i8", args, n};
+  AK_TRY(ak_nargs(&c, 19, "x, w_int8, w_qparams, bias, res, KH, KW, SH, SW, PH, PW, DH, DW, act, "
+                          "res_mode, lo, hi, scale, out"));
+  DLTensor *x, *w, *qp, *bias, *res, *out;
+  AK_NEED(x = ak_f32(&c, 0, "x", 4, 4));
+  AK_NEED(w = ak_typed(&c, 1, "w_int8", 4, 4, kDLInt, 8, "int8"));
+  AK_NEED(qp = ak_f32(&c, 2, "w_qparams", 2, 2));
+  AK_NEED(bias = ak_f32(&c, 3, "bias", 1, 1));
+  AK_NEED(res = ak_f32(&c, 4, "res", 1, 4));
+  AK_NEED(out = ak_f32(&c, n - 1, "out", 4, 4));
+  ak_tuning tune;
+  AK_TRY(ak_config(&c, 19, &tune));
+  int64_t v[8];
+  static const char* names[8] = {"KH", "KW", "stride_h", "stride_w", "pad_top", "pad_left",
+                                 "dilation_h", "dilation_w"};
+  for (int i = 0; i < 8; ++i)
+    AK_TRY(ak_int(&c, 5 + i, names[i], (i == 4 || i == 5) ? 0 : 1, 1 << 20, &v[i]));
+  ak_epilogue e;
+  AK_TRY(ak_epi(&c, 13, &e));
+  AK_TRY(ak_aligned(&c, w, "w_int8"));
+  const int64_t N = x->shape[0], C = x->shape[3], cout = out->shape[3];
+  const int64_t K = v[0] * v[1] * C, P = (cout + AK_NR - 1) / AK_NR, K4 = (K + 3) / 4;
+  if (K > ((int64_t)1 << 24) / 127)
+    return ak_fail(&c, "ValueError", "K=KH*KW*C=%lld is too long for the int8 kernels", (long long)K);
+  if (w->shape[0] != P || w->shape[1] != K4 || w->shape[2] != AK_NR || w->shape[3] != 4)
+    return ak_fail(&c, "ValueError", "w_int8 must be [%lld, %lld, %d, 4] for a %lldx%lld window over "
+                   "%lld channels and %lld outputs (got [%lld, %lld, %lld, %lld])", (long long)P,
+                   (long long)K4, AK_NR, (long long)v[0], (long long)v[1], (long long)C,
+                   (long long)cout, (long long)w->shape[0], (long long)w->shape[1],
+                   (long long)w->shape[2], (long long)w->shape[3]);
+  if (qp->shape[0] != 2 || qp->shape[1] != P * AK_NR)
+    return ak_fail(&c, "ValueError", "w_qparams must be [2, %lld] (scales, column sums)",
+                   (long long)(P * AK_NR));
+  if (out->shape[0] != N)
+    return ak_fail(&c, "ValueError", "out must be [%lld, OH, OW, Cout]", (long long)N);
+  if (ak_numel(bias) != 0 && ak_numel(bias) != cout)
+    return ak_fail(&c, "ValueError", "bias must have %lld elements", (long long)cout);
+  if (e.res_mode != AK_RES_NONE) AK_TRY(ak_same_shape(&c, res, out, "res", "out"));
+  ak_conv_geom g = {C, x->shape[1], x->shape[2], v[0], v[1], out->shape[1], out->shape[2],
+                    v[2], v[3], v[4], v[5], v[6], v[7]};
+  if (ak_numel(out) == 0) return 0;
+  ak_conv2d_nhwc_u8s8_f32(AK_DATA(x), (const int8_t*)((char*)w->data + w->byte_offset), AK_DATA(qp),
+                          AK_OPT(bias), e.res_mode ? AK_DATA(res) : NULL, AK_DATA(out), N, &g, cout,
+                          e, tune);
+  return 0;
+}
+
 /* layer_norm(x[..., D], gamma[D], beta[D] | [0], eps, out) over the last axis. */
 static int ak_layer_norm(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
   (void)self; (void)result;
@@ -579,6 +631,7 @@ AK_DENORMALS_OFF(ak_dense_w16)
 AK_DENORMALS_OFF(ak_bmm)
 AK_DENORMALS_OFF(ak_conv2d)
 AK_DENORMALS_OFF(ak_conv2d_nhwc)
+AK_DENORMALS_OFF(ak_conv2d_nhwc_i8)
 AK_DENORMALS_OFF(ak_layer_norm)
 AK_DENORMALS_OFF(ak_softmax)
 #undef AK_DENORMALS_OFF
@@ -601,6 +654,7 @@ int ak_register_all(void) {
       {"accelkit.cpu.bmm", ak_bmm_entry},
       {"accelkit.cpu.conv2d", ak_conv2d_entry},
       {"accelkit.cpu.conv2d_nhwc", ak_conv2d_nhwc_entry},
+      {"accelkit.cpu.conv2d_nhwc_i8", ak_conv2d_nhwc_i8_entry},
       {"accelkit.cpu.layer_norm", ak_layer_norm_entry},
       {"accelkit.cpu.softmax", ak_softmax_entry},
   };

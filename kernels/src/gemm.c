@@ -501,6 +501,36 @@ static void nhwc_range(int64_t begin, int64_t end, void* ctx) {
   }
 }
 
+/* The work split of a channels-last conv GEMM: K block, rows per block (about 128 KB of A,
+ * L2-resident while the panels sweep it), blocks, panel groups; returns the threads to use. */
+static int64_t nhwc_plan(ak_nhwc_job* jp, ak_tuning tune) {
+  const int pool = ak_num_threads();
+  const int64_t threads = tune.threads > 0 && tune.threads < pool ? tune.threads : pool;
+  /* K block: tuned, or for a long K (3x3 convolutions of 128+ channels, 1x1 of 1024+) 256 when
+   * few rows share a panel slice (14x14 and smaller: measured 5-8% faster), else 512 */
+  jp->kc = tune.kc > 0 ? tune.kc : (jp->K >= 1024 && jp->M <= 256 ? 256 : jp->K > 1024 ? 512 : jp->K);
+  if (jp->kc > jp->K || jp->kc <= 0) jp->kc = jp->K > 0 ? jp->K : 1;
+  int64_t mb = (32768 / jp->kc) / AK_MR * AK_MR;
+  mb = mb < AK_MR ? AK_MR : (mb > 512 ? 512 : mb);
+  const int64_t mtiles = (jp->M + AK_MR - 1) / AK_MR;
+  /* equal blocks, a multiple of the threads in number: a short last block would leave a
+   * thread idle */
+  int64_t blocks = (mtiles * AK_MR + mb - 1) / mb;
+  /* one block (few pixels: the 7x7 and 14x14 layers) stays one: the threads split the weight
+   * panels instead, so the (large) weights are read once, not once per block */
+  if (blocks > 1) blocks = (blocks + threads - 1) / threads * threads;
+  if (blocks > mtiles) blocks = mtiles;
+  mb = (mtiles + blocks - 1) / blocks * AK_MR;
+  blocks = (jp->M + mb - 1) / mb;
+  jp->mb = mb;
+  const int64_t want = (tune.grain > 0 ? tune.grain : 4) * threads;
+  int64_t ng = blocks >= want ? 1 : (want + blocks - 1) / blocks;
+  if (ng > jp->P) ng = jp->P;
+  jp->ppg = (jp->P + ng - 1) / ng;
+  jp->ngroups = (jp->P + jp->ppg - 1) / jp->ppg;
+  return threads;
+}
+
 void ak_conv2d_nhwc_f32(const float* x, const float* w, const float* bias, const float* res,
                         float* out, int64_t n, int64_t groups, const ak_conv_geom* g,
                         int64_t cout, ak_epilogue epi, ak_tuning tune) {
@@ -520,37 +550,91 @@ void ak_conv2d_nhwc_f32(const float* x, const float* w, const float* bias, const
   j.direct = g->KH == 1 && g->KW == 1 && g->SH == 1 && g->SW == 1 && g->PH == 0 && g->PW == 0 &&
              g->OH == g->H && g->OW == g->W;
   if (j.M <= 0 || j.P <= 0) return;
-  /* rows per block: about 128 KB of A (L2-resident while the panels sweep it) */
-  const int pool = ak_num_threads();
-  const int64_t threads = tune.threads > 0 && tune.threads < pool ? tune.threads : pool;
-  /* K block: tuned, or for a long K (3x3 convolutions of 128+ channels, 1x1 of 1024+) 256 when
-   * few rows share a panel slice (14x14 and smaller: measured 5-8% faster), else 512 */
-  j.kc = tune.kc > 0 ? tune.kc : (j.K >= 1024 && j.M <= 256 ? 256 : j.K > 1024 ? 512 : j.K);
-  if (j.kc > j.K || j.kc <= 0) j.kc = j.K > 0 ? j.K : 1;
-  int64_t mb = (32768 / j.kc) / AK_MR * AK_MR;
-  mb = mb < AK_MR ? AK_MR : (mb > 512 ? 512 : mb);
-  const int64_t mtiles = (j.M + AK_MR - 1) / AK_MR;
-  /* equal blocks, a multiple of the threads in number: a short last block would leave a
-   * thread idle */
-  int64_t blocks = (mtiles * AK_MR + mb - 1) / mb;
-  /* one block (few pixels: the 7x7 and 14x14 layers) stays one: the threads split the weight
-   * panels instead, so the (large) weights are read once, not once per block */
-  if (blocks > 1) blocks = (blocks + threads - 1) / threads * threads;
-  if (blocks > mtiles) blocks = mtiles;
-  mb = (mtiles + blocks - 1) / blocks * AK_MR;
-  blocks = (j.M + mb - 1) / mb;
-  j.mb = mb;
-  const int64_t want = (tune.grain > 0 ? tune.grain : 4) * threads;
-  int64_t ng = blocks >= want ? 1 : (want + blocks - 1) / blocks;
-  if (ng > j.P) ng = j.P;
-  j.ppg = (j.P + ng - 1) / ng;
-  j.ngroups = (j.P + j.ppg - 1) / j.ppg;
+  const int64_t threads = nhwc_plan(&j, tune);
   const int64_t wstride = j.P * j.K * AK_NR;
   for (int64_t grp = 0; grp < groups; ++grp) {
     j.group = grp;
     j.w = w + grp * wstride;
-    ak_parallel_range_n(nhwc_range, &j, blocks * j.ngroups, (int)threads);
+    ak_parallel_range_n(nhwc_range, &j, (j.M + j.mb - 1) / j.mb * j.ngroups, (int)threads);
   }
+}
+
+/* ---- convolution, NHWC, int8 ---------------------------------------------------------------- */
+
+/* The int8 form of the channels-last conv GEMM: each block of gathered rows (one output pixel's
+ * window each) is quantized to u8 per row, then the int8 micro-kernel sweeps the group's
+ * panels of s8 weights (ak_dense_u8s8_f32's layout over K = (ky, kx, c)). */
+typedef struct {
+  ak_nhwc_job base;
+  const int8_t* wq;
+  const float* qp; /* [2][P*NR]: weight scales, column sums */
+  int64_t K4, ldq;
+  ak_quant_rows_fn quant;
+  ak_ukr_i8_fn ukr;
+} ak_nhwc_i8_job;
+
+static void nhwc_i8_range(int64_t begin, int64_t end, void* ctx) {
+  const ak_nhwc_i8_job* q = (const ak_nhwc_i8_job*)ctx;
+  const ak_nhwc_job* j = &q->base;
+  const int64_t mb = j->mb;
+  /* scratch: gathered fp32 rows, their u8 rows, and a scale and zero point per row */
+  float* buf = ak_scratch((size_t)(mb * j->K + (mb * q->ldq + 3) / 4 + 2 * mb + 16));
+  if (!buf) return; /* out of memory: leave the output as is */
+  uint8_t* qa = (uint8_t*)(buf + mb * j->K);
+  float* a_scale = buf + mb * j->K + (mb * q->ldq + 3) / 4;
+  int32_t* a_zp = (int32_t*)(a_scale + mb);
+  int64_t prepared = -1;
+  for (int64_t idx = begin; idx < end; ++idx) {
+    const int64_t blk = idx / j->ngroups, pg = idx % j->ngroups;
+    const int64_t m0 = blk * mb, rows = j->M - m0 < mb ? j->M - m0 : mb;
+    if (blk != prepared) {
+      nhwc_gather(j, m0, rows, buf);
+      q->quant(buf, rows, j->K, qa, q->ldq, a_scale, a_zp);
+      prepared = blk;
+    }
+    const int64_t p1 = (pg + 1) * j->ppg < j->P ? (pg + 1) * j->ppg : j->P;
+    for (int64_t p = pg * j->ppg; p < p1; ++p) {
+      const int64_t n0 = p * AK_NR;
+      const int nv = (int)(j->coutg - n0 < AK_NR ? j->coutg - n0 : AK_NR);
+      const int8_t* panel = q->wq + p * q->K4 * 4 * AK_NR;
+      const int64_t step = even_rows(rows, AK_MR);
+      for (int64_t t0 = 0; t0 < rows; t0 += step) {
+        const int mr = (int)(rows - t0 < step ? rows - t0 : step);
+        const int64_t row = m0 + t0;
+        q->ukr(mr, q->K4, qa + t0 * q->ldq, q->ldq, panel, j->out + row * j->cout + n0, j->cout, nv,
+               a_scale + t0, a_zp + t0, q->qp + n0, q->qp + j->P * AK_NR + n0,
+               j->bias ? j->bias + n0 : NULL, j->res ? j->res + row * j->cout + n0 : NULL, j->cout,
+               &j->epi);
+      }
+    }
+  }
+}
+
+void ak_conv2d_nhwc_u8s8_f32(const float* x, const int8_t* wq, const float* qp, const float* bias,
+                             const float* res, float* out, int64_t n, const ak_conv_geom* g,
+                             int64_t cout, ak_epilogue epi, ak_tuning tune) {
+  ak_nhwc_i8_job q;
+  memset(&q, 0, sizeof(q));
+  ak_nhwc_job* j = &q.base;
+  j->x = x; j->bias = bias; j->res = res; j->out = out; j->g = g;
+  j->epi = epi;
+  j->xc = g->C;
+  j->cout = j->coutg = cout;
+  j->M = n * g->OH * g->OW;
+  j->K = g->C * g->KH * g->KW;
+  j->P = (cout + AK_NR - 1) / AK_NR;
+  if (j->M <= 0 || j->P <= 0) return;
+  tune.kc = 0; /* no K blocks: the int32 sums stay in the micro-kernel */
+  const int64_t threads = nhwc_plan(j, tune);
+  j->kc = j->K;
+  q.wq = wq;
+  q.qp = qp;
+  q.K4 = (j->K + 3) / 4;
+  q.ldq = q.K4 * 4;
+  const int vnni = strcmp(ak_int8_path(), "vnni") == 0;
+  q.quant = vnni ? ak_quant_rows_avx512 : ak_quant_rows_portable;
+  q.ukr = vnni ? ak_ukr_i8_vnni : ak_ukr_i8_portable;
+  ak_parallel_range_n(nhwc_i8_range, &q, (j->M + j->mb - 1) / j->mb * j->ngroups, (int)threads);
 }
 
 /* ---- convolution, NHWC, Winograd F(4x4, 3x3) --------------------------------------------- */

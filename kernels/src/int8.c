@@ -15,7 +15,7 @@ const char* ak_int8_path(void) { return ak_has_vnni() ? "vnni" : "portable"; }
 
 /* ---- portable pieces (the reference the vector ones match) -------------------------------- */
 
-static void quant_rows_portable(const float* x, int64_t rows, int64_t K, uint8_t* q, int64_t ldq,
+void ak_quant_rows_portable(const float* x, int64_t rows, int64_t K, uint8_t* q, int64_t ldq,
                                 float* scale, int32_t* zp) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * K;
@@ -41,7 +41,7 @@ static void quant_rows_portable(const float* x, int64_t rows, int64_t K, uint8_t
   }
 }
 
-static void ukr_i8_portable(int mr, int64_t K4, const uint8_t* a, int64_t lda, const int8_t* bp,
+void ak_ukr_i8_portable(int mr, int64_t K4, const uint8_t* a, int64_t lda, const int8_t* bp,
                             float* c, int64_t ldc, int nv, const float* a_scale,
                             const int32_t* a_zp, const float* w_scale, const float* w_sum,
                             const float* bias, const float* res, int64_t ldr,
@@ -127,7 +127,7 @@ int ak_dense_u8s8_f32(const float* x, int64_t M, int64_t K, const int8_t* wq, co
   int32_t* a_zp = (int32_t*)(mem + qbytes + rbytes);
   const int pool = ak_num_threads();
   const int threads = tune.threads > 0 && tune.threads < pool ? tune.threads : pool;
-  ak_quant_job qj = {x, K, ldq, mem, a_scale, a_zp, vnni ? ak_quant_rows_avx512 : quant_rows_portable};
+  ak_quant_job qj = {x, K, ldq, mem, a_scale, a_zp, vnni ? ak_quant_rows_avx512 : ak_quant_rows_portable};
   ak_parallel_range_n(quant_range, &qj, M, M * K >= 16384 ? threads : 1);
   ak_i8_job j;
   memset(&j, 0, sizeof(j));
@@ -135,7 +135,7 @@ int ak_dense_u8s8_f32(const float* x, int64_t M, int64_t K, const int8_t* wq, co
   j.w_scale = qp; j.w_sum = qp + P * AK_NR; j.bias = bias; j.res = res; j.out = out;
   j.M = M; j.N = N; j.K4 = K4; j.ldq = ldq; j.P = P;
   j.epi = epi;
-  j.ukr = vnni ? ak_ukr_i8_vnni : ukr_i8_portable;
+  j.ukr = vnni ? ak_ukr_i8_vnni : ak_ukr_i8_portable;
   /* row chunks: enough items for every thread (grain x threads), whole micro-tiles */
   const int64_t want = (int64_t)(tune.grain > 0 ? tune.grain : 4) * threads;
   int64_t mchunks = P >= want ? 1 : (want + P - 1) / P;
