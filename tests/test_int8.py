@@ -275,7 +275,7 @@ def _model_with_a_layer_int8_breaks():
     w1 = (rng.standard_normal((32, 64)) / 6).astype(np.float32)
     b1 = (rng.standard_normal(64) * 0.1).astype(np.float32)
     b1[0] = 3000.0
-    w2 = (rng.standard_normal((64, 16)) / 8).astype(np.float32)
+    w2 = (rng.standard_normal((64, 32)) / 8).astype(np.float32)
     w2[0] = 0.0
     nodes = [helper.make_node("MatMul", ["x", "W1"], ["m1"], name="mm1"),
              helper.make_node("Add", ["m1", "b1"], ["h"], name="bias1"),
@@ -283,7 +283,7 @@ def _model_with_a_layer_int8_breaks():
              helper.make_node("MatMul", ["r", "W2"], ["y"], name="mm2")]
     F = TensorProto.FLOAT
     return make_model(nodes, [helper.make_tensor_value_info("x", F, [8, 32])],
-                      [helper.make_tensor_value_info("y", F, [8, 16])],
+                      [helper.make_tensor_value_info("y", F, [8, 32])],
                       [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(b1, "b1"),
                        numpy_helper.from_array(w2, "W2")])
 
@@ -349,7 +349,7 @@ def test_int8_runs_1x1_convolutions_as_dense_layers_and_the_others_in_the_int8_c
              helper.make_node("Conv", ["r2", "W3", "b3"], ["c3"], name="expand"), helper.make_node("Add", ["c3", "x"], ["s"]),
              helper.make_node("Relu", ["s"], ["r3"]),
              helper.make_node("Conv", ["r3", "W4", "b4"], ["y"], strides=[2, 2], name="down")]
-    inits = [w("W1", 16, 32, 1, 1), b("b1", 16), w("W2", 16, 16, 3, 3), b("b2", 16), w("W3", 32, 16, 1, 1),
+    inits = [w("W1", 24, 32, 1, 1), b("b1", 24), w("W2", 24, 24, 3, 3), b("b2", 24), w("W3", 32, 24, 1, 1),
              b("b3", 32), w("W4", 40, 32, 1, 1), b("b4", 40)]
     F = TensorProto.FLOAT
     proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 32, 10, 10])],
@@ -417,3 +417,23 @@ def test_conv2d_nhwc_i8_refuses_bad_weights(k):
         k("conv2d_nhwc_i8")(x, t(packed), t(qp), none(), none(), 1, 1, 1, 1, 0, 0, 1, 1, 0, 0, 0.0, 0.0, 1.0, out)
     with pytest.raises(ValueError, match="stride_h=0 is out of range"):
         k("conv2d_nhwc_i8")(x, t(packed), t(qp), none(), none(), 3, 3, 0, 1, 1, 1, 1, 1, 0, 0, 0.0, 0.0, 1.0, out)
+
+
+def test_int8_leaves_the_layers_it_does_not_pay_for_in_fp32():
+    """A dense layer with fewer than INT8_MIN_K inputs or INT8_MIN_N outputs stays fp32: there,
+    quantizing the rows costs more than the int8 products save."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import accelkit
+    from accelkit.backends.cpu import INT8_MIN_N
+    from conftest import make_model
+
+    rng = np.random.default_rng(13)
+    F = TensorProto.FLOAT
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("MatMul", ["h", "W2"], ["y"])]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [16, 64])],
+                       [helper.make_tensor_value_info("y", F, [16, INT8_MIN_N - 1])],
+                       [numpy_helper.from_array(rng.standard_normal((64, 48)).astype(np.float32), "W1"),
+                        numpy_helper.from_array(rng.standard_normal((48, INT8_MIN_N - 1)).astype(np.float32), "W2")])
+    model = accelkit.compile(proto, cache=False, precision="int8")
+    assert model.manifest["offloaded"] == {"cpu.dense_i8": 1, "cpu.dense": 1}

@@ -42,6 +42,17 @@ def pack_weight(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(k, panels, NR).transpose(1, 0, 2))
 
 
+# int8 pays from this K (products per output) and N (outputs per input row) on: below, quantizing
+# the rows costs more than the int8 products save (measured, 2 cores, AVX512-VNNI: K=16 x N=96
+# at 12544 rows 0.82x fp32, K=32 x N=16 0.52x; K=24 x N=144 1.27x, K=144 x N=24 1.14x)
+INT8_MIN_K = 24
+INT8_MIN_N = 24
+
+
+def _int8_pays(k: int, n: int) -> bool:
+    return k >= INT8_MIN_K and n >= INT8_MIN_N
+
+
 def quantize_weight_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """W[K, N] -> (wq int8 [P, ceil(K/4), NR, 4], qparams float32 [2, P*NR]), the int8 dense
     kernel's layout: per output channel n a symmetric scale max|W[:, n]| / 127 and
@@ -327,7 +338,7 @@ def _dense_args_int8(x, w, core, keep: frozenset = frozenset()):
     from tvm import relax
 
     xs, ws = _f32(x, range(2, 9)), _f32(w, (2,))
-    if xs is None or ws is None or xs[-1] != ws[0] or ws[0] * 127 >= 1 << 24:
+    if xs is None or ws is None or xs[-1] != ws[0] or ws[0] * 127 >= 1 << 24 or not _int8_pays(*ws):
         return None
     weight = _const_value(w).astype(np.float32)
     if _kept(weight, keep):
@@ -429,7 +440,7 @@ def _conv1x1_nhwc_args_int8(x, w, conv, keep: frozenset = frozenset()):
         return None
     xs, ws, out, ints = call
     if (ints[0] != 1 or tuple(ws[2:]) != (1, 1) or ints[1:3] != (1, 1) or tuple(out[:3]) != tuple(xs[:3])
-            or ws[1] * 127 >= 1 << 24):
+            or ws[1] * 127 >= 1 << 24 or not _int8_pays(ws[1], ws[0])):
         return None
     weight = np.ascontiguousarray(_const_value(w).astype(np.float32)[:, :, 0, 0].T)  # [C, Cout]
     if _kept(weight, keep):
@@ -452,8 +463,8 @@ def _conv_nhwc_args_int8(x, w, conv, keep: frozenset = frozenset()):
     if call is None:
         return None
     xs, ws, out, (groups, sh, sw, pt, pl, dh, dw) = call
-    if groups != 1 or ws[1] * ws[2] * ws[3] * 127 >= 1 << 24:
-        return None  # grouped/depthwise convolutions stay fp32
+    if groups != 1 or ws[1] * ws[2] * ws[3] * 127 >= 1 << 24 or not _int8_pays(ws[1] * ws[2] * ws[3], ws[0]):
+        return None  # grouped/depthwise convolutions, and those int8 does not pay for, stay fp32
     weight = _const_value(w).astype(np.float32)
     flat = np.ascontiguousarray(weight.transpose(2, 3, 1, 0).reshape(-1, ws[0]))
     if _kept(flat, keep):
@@ -716,8 +727,8 @@ class CPUBackend(TVMBackend):
 
     def patterns(self, winograd: bool = True, precision: str = "fp32", keep: frozenset = frozenset()):
         convs = conv2d_nhwc_patterns(winograd=winograd) + conv2d_patterns()
-        if precision == "int8":  # the fp32 ones take the layers kept in fp32
-            dense = dense_int8_patterns(keep=keep) + (dense_patterns() if keep else [])
+        if precision == "int8":  # the fp32 ones take the layers kept in fp32 or too small
+            dense = dense_int8_patterns(keep=keep) + dense_patterns()
             convs = conv1x1_int8_patterns(keep=keep) + conv_int8_patterns(keep=keep) + convs
         elif precision in W16_FORMATS and _w16_pays():
             dense = dense_w16_patterns(precision, keep=keep) + dense_patterns()
