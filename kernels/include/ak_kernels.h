@@ -155,8 +155,8 @@ void ak_conv2d_nhwc_u8s8_f32(const float* x, const int8_t* wq, const float* qp, 
                              int64_t cout, ak_epilogue epi, ak_tuning tune);
 /* The int8 path the CPU runs: "vnni" (AVX512-VNNI) or "portable". */
 const char* ak_int8_path(void);
-/* Internal: one instruction set's int8 pieces. quant_rows quantizes rows of x[rows][K] into
- * q (row stride ldq bytes, zero padded to ldq), ukr computes mr (<= AK_MR) rows x one panel. */
+/* Internal: one path's int8 pieces. quant_rows quantizes rows of x[rows][K] into q (row
+ * stride ldq bytes, zero padded to ldq), ukr computes mr (<= AK_MR) rows x one panel. */
 typedef void (*ak_quant_rows_fn)(const float* x, int64_t rows, int64_t K, uint8_t* q, int64_t ldq,
                                  float* scale, int32_t* zp);
 typedef void (*ak_ukr_i8_fn)(int mr, int64_t K4, const uint8_t* a, int64_t lda, const int8_t* bp,
@@ -166,16 +166,16 @@ typedef void (*ak_ukr_i8_fn)(int mr, int64_t K4, const uint8_t* a, int64_t lda, 
                              const ak_epilogue* epi);
 void ak_quant_rows_avx512(const float* x, int64_t rows, int64_t K, uint8_t* q, int64_t ldq,
                           float* scale, int32_t* zp);
-void ak_quant_rows_portable(const float* x, int64_t rows, int64_t K, uint8_t* q, int64_t ldq,
-                            float* scale, int32_t* zp);
-void ak_ukr_i8_portable(int mr, int64_t K4, const uint8_t* a, int64_t lda, const int8_t* bp,
-                        float* c, int64_t ldc, int nv, const float* a_scale, const int32_t* a_zp,
-                        const float* w_scale, const float* w_sum, const float* bias,
-                        const float* res, int64_t ldr, const ak_epilogue* epi);
 void ak_ukr_i8_vnni(int mr, int64_t K4, const uint8_t* a, int64_t lda, const int8_t* bp, float* c,
                     int64_t ldc, int nv, const float* a_scale, const int32_t* a_zp,
                     const float* w_scale, const float* w_sum, const float* bias, const float* res,
                     int64_t ldr, const ak_epilogue* epi);
+typedef struct {
+  ak_quant_rows_fn quant_rows;
+  ak_ukr_i8_fn ukr;
+} ak_int8_table;
+/* The int8 pieces of the path the CPU runs (the VNNI ones, or the portable reference). */
+const ak_int8_table* ak_int8(void);
 
 /* Dense with 16-bit weights (bf16 or fp16), fp32 activations and fp32 sums, for the layers that
  * are bound by reading their weights (few rows: batch-1 GEMVs): half the bytes of fp32.

@@ -94,9 +94,7 @@ AK_INLINE void ukr_body(const int MR, const int APACK, const int HALF, int64_t K
                         float* c, int64_t ldc, int nv, const float* bias_col,
                         const float* bias_row, const float* res, int64_t ldr,
                         const ak_epilogue* epi) {
-  const __mmask16 m0 = nv >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nv) - 1u);
-  const __mmask16 m1 = nv >= 32 ? (__mmask16)0xFFFF
-                                : (nv > 16 ? (__mmask16)((1u << (nv - 16)) - 1u) : 0);
+  const __mmask16 m0 = tail_mask(nv), m1 = nv > 16 ? tail_mask(nv - 16) : 0;
   __m512 acc0[AK_MR], acc1[AK_MR];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
@@ -535,9 +533,7 @@ AK_VNNI AK_INLINE void ukr_i8_body(const int MR, const int HALF, int64_t K4, con
                                    const float* a_scale, const int32_t* a_zp,
                                    const float* w_scale, const float* w_sum, const float* bias,
                                    const float* res, int64_t ldr, const ak_epilogue* epi) {
-  const __mmask16 m0 = nv >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nv) - 1u);
-  const __mmask16 m1 = nv >= 32 ? (__mmask16)0xFFFF
-                                : (nv > 16 ? (__mmask16)((1u << (nv - 16)) - 1u) : 0);
+  const __mmask16 m0 = tail_mask(nv), m1 = nv > 16 ? tail_mask(nv - 16) : 0;
   __m512i acc0[AK_MR], acc1[AK_MR];
   if (MR == 8 && !HALF) {
     /* the full tile's K loop in assembly: gcc keeps the 16 accumulators of the intrinsics loop
@@ -685,9 +681,7 @@ AK_W16 AK_INLINE void ukr_w16_body(const int MR, const int FMT, int64_t K, const
                                    int64_t lda, const uint16_t* bp, float* c, int64_t ldc, int nv,
                                    const float* bias, const float* res, int64_t ldr,
                                    const ak_epilogue* epi) {
-  const __mmask16 m0 = nv >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nv) - 1u);
-  const __mmask16 m1 = nv >= 32 ? (__mmask16)0xFFFF
-                                : (nv > 16 ? (__mmask16)((1u << (nv - 16)) - 1u) : 0);
+  const __mmask16 m0 = tail_mask(nv), m1 = nv > 16 ? tail_mask(nv - 16) : 0;
   __m512 acc0[AK_MR], acc1[AK_MR];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();

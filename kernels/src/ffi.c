@@ -233,6 +233,33 @@ static int ak_dense(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* res
   return 0;
 }
 
+/* The int8 kernels' weights for K inputs and N outputs: wq [ceil(N/NR), ceil(K/4), NR, 4] and
+ * qp [2, ceil(N/NR)*NR] (scales, column sums); `what` (printf) names the layer in the error. */
+static int ak_int8_weights(const ak_call* c, const DLTensor* w, const DLTensor* qp, int64_t K,
+                           int64_t N, const char* what, ...) __attribute__((format(printf, 6, 7)));
+static int ak_int8_weights(const ak_call* c, const DLTensor* w, const DLTensor* qp, int64_t K,
+                           int64_t N, const char* what, ...) {
+  char layer[160];
+  va_list ap;
+  va_start(ap, what);
+  vsnprintf(layer, sizeof(layer), what, ap);
+  va_end(ap);
+  const int64_t P = (N + AK_NR - 1) / AK_NR, K4 = (K + 3) / 4;
+  /* the column sums travel as float32: exact while K * 127 < 2^24 */
+  if (K > ((int64_t)1 << 24) / 127)
+    return ak_fail(c, "ValueError", "K=%lld is too long for the int8 kernels (at most %lld)",
+                   (long long)K, (long long)(((int64_t)1 << 24) / 127));
+  if (w->shape[0] != P || w->shape[1] != K4 || w->shape[2] != AK_NR || w->shape[3] != 4)
+    return ak_fail(c, "ValueError", "w_int8 must be [%lld, %lld, %d, 4] for %s (got [%lld, %lld, "
+                   "%lld, %lld])", (long long)P, (long long)K4, AK_NR, layer, (long long)w->shape[0],
+                   (long long)w->shape[1], (long long)w->shape[2], (long long)w->shape[3]);
+  if (qp->shape[0] != 2 || qp->shape[1] != P * AK_NR)
+    return ak_fail(c, "ValueError", "w_qparams must be [2, %lld] (scales, column sums) for %s "
+                   "(got [%lld, %lld])", (long long)(P * AK_NR), layer, (long long)qp->shape[0],
+                   (long long)qp->shape[1]);
+  return 0;
+}
+
 /* dense_i8(x[..., K], wq int8 [P, K4, NR, 4], qp[2, P*NR], bias[N] | [0], res[..., N] | [0], N,
  *          act, res_mode, lo, hi, scale, out[..., N]): the int8 dense of ak_dense_u8s8_f32. */
 static int ak_dense_i8(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
@@ -253,27 +280,15 @@ static int ak_dense_i8(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* 
   AK_TRY(ak_int(&c, 5, "N", 1, (int64_t)1 << 40, &N));
   AK_TRY(ak_epi(&c, 6, &e));
   AK_TRY(ak_aligned(&c, w, "w_int8"));
-  const int64_t K = x->shape[x->ndim - 1], P = (N + AK_NR - 1) / AK_NR, K4 = (K + 3) / 4;
-  /* the column sums travel as float32: exact while K * 127 < 2^24 */
-  if (K > ((int64_t)1 << 24) / 127)
-    return ak_fail(&c, "ValueError", "K=%lld is too long for the int8 dense (at most %lld)",
-                   (long long)K, (long long)(((int64_t)1 << 24) / 127));
-  if (w->shape[0] != P || w->shape[1] != K4 || w->shape[2] != AK_NR || w->shape[3] != 4)
-    return ak_fail(&c, "ValueError", "w_int8 must be [%lld, %lld, %d, 4] for K=%lld, N=%lld "
-                   "(got [%lld, %lld, %lld, %lld])", (long long)P, (long long)K4, AK_NR,
-                   (long long)K, (long long)N, (long long)w->shape[0], (long long)w->shape[1],
-                   (long long)w->shape[2], (long long)w->shape[3]);
-  if (qp->shape[0] != 2 || qp->shape[1] != P * AK_NR)
-    return ak_fail(&c, "ValueError", "w_qparams must be [2, %lld] (scales, column sums) for N=%lld "
-                   "(got [%lld, %lld])", (long long)(P * AK_NR), (long long)N,
-                   (long long)qp->shape[0], (long long)qp->shape[1]);
+  const int64_t K = x->shape[x->ndim - 1];
+  AK_TRY(ak_int8_weights(&c, w, qp, K, N, "K=%lld, N=%lld", (long long)K, (long long)N));
   AK_TRY(ak_dense_io(&c, x, out, bias, res, N, &e));
   const int64_t M = K ? ak_numel(x) / K : ak_numel(out) / N;
   if (ak_dense_u8s8_f32(AK_DATA(x), M, K, (const int8_t*)((char*)w->data + w->byte_offset),
                         AK_DATA(qp), N, AK_OPT(bias), e.res_mode ? AK_DATA(res) : NULL,
                         AK_DATA(out), e, tune) != 0)
     return ak_fail(&c, "MemoryError", "could not allocate %lld bytes for the quantized rows",
-                   (long long)(M * K4 * 4));
+                   (long long)(M * ((K + 3) / 4) * 4));
   return 0;
 }
 
@@ -550,18 +565,9 @@ static int ak_conv2d_nhwc_i8(void* self, const TVMFFIAny* args, int32_t n, TVMFF
   AK_TRY(ak_epi(&c, 13, &e));
   AK_TRY(ak_aligned(&c, w, "w_int8"));
   const int64_t N = x->shape[0], C = x->shape[3], cout = out->shape[3];
-  const int64_t K = v[0] * v[1] * C, P = (cout + AK_NR - 1) / AK_NR, K4 = (K + 3) / 4;
-  if (K > ((int64_t)1 << 24) / 127)
-    return ak_fail(&c, "ValueError", "K=KH*KW*C=%lld is too long for the int8 kernels", (long long)K);
-  if (w->shape[0] != P || w->shape[1] != K4 || w->shape[2] != AK_NR || w->shape[3] != 4)
-    return ak_fail(&c, "ValueError", "w_int8 must be [%lld, %lld, %d, 4] for a %lldx%lld window over "
-                   "%lld channels and %lld outputs (got [%lld, %lld, %lld, %lld])", (long long)P,
-                   (long long)K4, AK_NR, (long long)v[0], (long long)v[1], (long long)C,
-                   (long long)cout, (long long)w->shape[0], (long long)w->shape[1],
-                   (long long)w->shape[2], (long long)w->shape[3]);
-  if (qp->shape[0] != 2 || qp->shape[1] != P * AK_NR)
-    return ak_fail(&c, "ValueError", "w_qparams must be [2, %lld] (scales, column sums)",
-                   (long long)(P * AK_NR));
+  AK_TRY(ak_int8_weights(&c, w, qp, v[0] * v[1] * C, cout,
+                         "a %lldx%lld window over %lld channels and %lld outputs", (long long)v[0],
+                         (long long)v[1], (long long)C, (long long)cout));
   if (out->shape[0] != N)
     return ak_fail(&c, "ValueError", "out must be [%lld, OH, OW, Cout]", (long long)N);
   if (ak_numel(bias) != 0 && ak_numel(bias) != cout)

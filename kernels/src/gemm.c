@@ -569,8 +569,7 @@ typedef struct {
   const int8_t* wq;
   const float* qp; /* [2][P*NR]: weight scales, column sums */
   int64_t K4, ldq;
-  ak_quant_rows_fn quant;
-  ak_ukr_i8_fn ukr;
+  const ak_int8_table* i8;
 } ak_nhwc_i8_job;
 
 static void nhwc_i8_range(int64_t begin, int64_t end, void* ctx) {
@@ -589,7 +588,7 @@ static void nhwc_i8_range(int64_t begin, int64_t end, void* ctx) {
     const int64_t m0 = blk * mb, rows = j->M - m0 < mb ? j->M - m0 : mb;
     if (blk != prepared) {
       nhwc_gather(j, m0, rows, buf);
-      q->quant(buf, rows, j->K, qa, q->ldq, a_scale, a_zp);
+      q->i8->quant_rows(buf, rows, j->K, qa, q->ldq, a_scale, a_zp);
       prepared = blk;
     }
     const int64_t p1 = (pg + 1) * j->ppg < j->P ? (pg + 1) * j->ppg : j->P;
@@ -601,7 +600,7 @@ static void nhwc_i8_range(int64_t begin, int64_t end, void* ctx) {
       for (int64_t t0 = 0; t0 < rows; t0 += step) {
         const int mr = (int)(rows - t0 < step ? rows - t0 : step);
         const int64_t row = m0 + t0;
-        q->ukr(mr, q->K4, qa + t0 * q->ldq, q->ldq, panel, j->out + row * j->cout + n0, j->cout, nv,
+        q->i8->ukr(mr, q->K4, qa + t0 * q->ldq, q->ldq, panel, j->out + row * j->cout + n0, j->cout, nv,
                a_scale + t0, a_zp + t0, q->qp + n0, q->qp + j->P * AK_NR + n0,
                j->bias ? j->bias + n0 : NULL, j->res ? j->res + row * j->cout + n0 : NULL, j->cout,
                &j->epi);
@@ -631,9 +630,7 @@ void ak_conv2d_nhwc_u8s8_f32(const float* x, const int8_t* wq, const float* qp, 
   q.qp = qp;
   q.K4 = (j->K + 3) / 4;
   q.ldq = q.K4 * 4;
-  const int vnni = strcmp(ak_int8_path(), "vnni") == 0;
-  q.quant = vnni ? ak_quant_rows_avx512 : ak_quant_rows_portable;
-  q.ukr = vnni ? ak_ukr_i8_vnni : ak_ukr_i8_portable;
+  q.i8 = ak_int8();
   ak_parallel_range_n(nhwc_i8_range, &q, (j->M + j->mb - 1) / j->mb * j->ngroups, (int)threads);
 }
 

@@ -13,9 +13,23 @@ static int ak_has_vnni(void) {
 
 const char* ak_int8_path(void) { return ak_has_vnni() ? "vnni" : "portable"; }
 
+static void quant_rows_portable(const float* x, int64_t rows, int64_t K, uint8_t* q, int64_t ldq,
+                                float* scale, int32_t* zp);
+static void ukr_i8_portable(int mr, int64_t K4, const uint8_t* a, int64_t lda, const int8_t* bp,
+                            float* c, int64_t ldc, int nv, const float* a_scale,
+                            const int32_t* a_zp, const float* w_scale, const float* w_sum,
+                            const float* bias, const float* res, int64_t ldr,
+                            const ak_epilogue* epi);
+
+const ak_int8_table* ak_int8(void) {
+  static const ak_int8_table vnni = {ak_quant_rows_avx512, ak_ukr_i8_vnni};
+  static const ak_int8_table portable = {quant_rows_portable, ukr_i8_portable};
+  return ak_has_vnni() ? &vnni : &portable;
+}
+
 /* ---- portable pieces (the reference the vector ones match) -------------------------------- */
 
-void ak_quant_rows_portable(const float* x, int64_t rows, int64_t K, uint8_t* q, int64_t ldq,
+static void quant_rows_portable(const float* x, int64_t rows, int64_t K, uint8_t* q, int64_t ldq,
                                 float* scale, int32_t* zp) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * K;
@@ -41,7 +55,7 @@ void ak_quant_rows_portable(const float* x, int64_t rows, int64_t K, uint8_t* q,
   }
 }
 
-void ak_ukr_i8_portable(int mr, int64_t K4, const uint8_t* a, int64_t lda, const int8_t* bp,
+static void ukr_i8_portable(int mr, int64_t K4, const uint8_t* a, int64_t lda, const int8_t* bp,
                             float* c, int64_t ldc, int nv, const float* a_scale,
                             const int32_t* a_zp, const float* w_scale, const float* w_sum,
                             const float* bias, const float* res, int64_t ldr,
@@ -117,7 +131,7 @@ int ak_dense_u8s8_f32(const float* x, int64_t M, int64_t K, const int8_t* wq, co
                       int64_t N, const float* bias, const float* res, float* out, ak_epilogue epi,
                       ak_tuning tune) {
   if (M <= 0 || N <= 0) return 0;
-  const int vnni = ak_has_vnni();
+  const ak_int8_table* i8 = ak_int8();
   const int64_t K4 = (K + 3) / 4, ldq = K4 * 4, P = (N + AK_NR - 1) / AK_NR;
   const size_t qbytes = ((size_t)(M * ldq) + 63) & ~(size_t)63;
   const size_t rbytes = ((size_t)M * sizeof(float) + 63) & ~(size_t)63;
@@ -127,7 +141,7 @@ int ak_dense_u8s8_f32(const float* x, int64_t M, int64_t K, const int8_t* wq, co
   int32_t* a_zp = (int32_t*)(mem + qbytes + rbytes);
   const int pool = ak_num_threads();
   const int threads = tune.threads > 0 && tune.threads < pool ? tune.threads : pool;
-  ak_quant_job qj = {x, K, ldq, mem, a_scale, a_zp, vnni ? ak_quant_rows_avx512 : ak_quant_rows_portable};
+  ak_quant_job qj = {x, K, ldq, mem, a_scale, a_zp, i8->quant_rows};
   ak_parallel_range_n(quant_range, &qj, M, M * K >= 16384 ? threads : 1);
   ak_i8_job j;
   memset(&j, 0, sizeof(j));
@@ -135,7 +149,7 @@ int ak_dense_u8s8_f32(const float* x, int64_t M, int64_t K, const int8_t* wq, co
   j.w_scale = qp; j.w_sum = qp + P * AK_NR; j.bias = bias; j.res = res; j.out = out;
   j.M = M; j.N = N; j.K4 = K4; j.ldq = ldq; j.P = P;
   j.epi = epi;
-  j.ukr = vnni ? ak_ukr_i8_vnni : ak_ukr_i8_portable;
+  j.ukr = i8->ukr;
   /* row chunks: enough items for every thread (grain x threads), whole micro-tiles */
   const int64_t want = (int64_t)(tune.grain > 0 ? tune.grain : 4) * threads;
   int64_t mchunks = P >= want ? 1 : (want + P - 1) / P;
