@@ -78,13 +78,6 @@ def _split(data: Mapping[str, Any], inputs) -> list[dict[str, Any]]:
     return [{name: np.ascontiguousarray(a[i]) for name, a in arrays.items()} for i in range(n)]
 
 
-def random_batch(compiled, seed: int) -> dict[str, Any]:
-    """The random batch `measure` uses (bench.random_feeds with the model's index bounds)."""
-    from accelkit.bench import random_feeds
-
-    return random_feeds(compiled.inputs, compiled.manifest.get("index_bounds"), seed=seed)
-
-
 def digest(batches: Sequence[Mapping[str, Any]] | None) -> str | None:
     """sha256 of the batches (names, dtypes, shapes, bytes): part of the cache key."""
     if batches is None:
@@ -98,15 +91,23 @@ def digest(batches: Sequence[Mapping[str, Any]] | None) -> str | None:
     return h.hexdigest()
 
 
-def measure(reduced, reference, batches: Sequence[Mapping[str, Any]] | None, index_bounds=None) -> dict[str, Any]:
-    """Per output, the worst over the batches of cosine similarity and relative L2 error of
-    `reduced` against `reference` (both CompiledModels)."""
-    from accelkit.bench import compare_outputs, random_feeds
+def random_batches(compiled) -> list[dict[str, Any]]:
+    """What accuracy is measured on without calibration data: RANDOM_BATCHES batches of
+    bench.random_feeds (token ids within their tables, from the manifest's index bounds)."""
+    from accelkit.bench import random_feeds
+
+    return [random_feeds(compiled.inputs, compiled.manifest.get("index_bounds"), seed=i)
+            for i in range(RANDOM_BATCHES)]
+
+
+def measure(reduced, reference, batches: Sequence[Mapping[str, Any]] | None) -> dict[str, Any]:
+    """Per output, the worst over the batches (None: random_batches) of cosine similarity and
+    relative L2 error of `reduced` against `reference` (both CompiledModels)."""
+    from accelkit.bench import compare_outputs
 
     source = "calibration" if batches else "random"
     if not batches:
-        batches = [random_feeds(reduced.inputs, index_bounds, seed=i) for i in range(RANDOM_BATCHES)]
-    # (random_batch(compiled, i) gives the same batches, for accuracy=)
+        batches = random_batches(reduced)
     names = [s.name for s in reduced.outputs]
     worst: dict[str, dict[str, float]] = {}
     for feeds in batches:
@@ -180,14 +181,15 @@ def _int8_product_error(a, w) -> float:
     import numpy as np
 
     a = np.asarray(a, np.float32).reshape(-1, w.shape[0])
+    from accelkit.backends.cpu import quantize_per_channel
+
     lo, hi = np.minimum(a.min(axis=1), 0), np.maximum(a.max(axis=1), 0)
     scale = (hi - lo) / np.float32(255)
     scale[~(scale > 0)] = 1
     zp = np.clip(np.rint(-lo / scale), 0, 255)
     qa = (np.clip(np.rint(a / scale[:, None]) + zp[:, None], 0, 255) - zp[:, None]) * scale[:, None]
-    amax = np.abs(w).max(axis=0)
-    ws = np.where(amax > 0, amax / 127.0, 1.0)
-    qw = np.clip(np.rint(w / ws), -127, 127) * ws
+    wq, ws = quantize_per_channel(w)
+    qw = wq.astype(np.float64) * ws.astype(np.float64)
     exact = a.astype(np.float64) @ w.astype(np.float64)
     return float(np.linalg.norm(qa.astype(np.float64) @ qw - exact) / max(np.linalg.norm(exact), 1e-30))
 
@@ -197,6 +199,8 @@ def layer_errors(proto, batches: Sequence[Mapping[str, Any]], precision: str) ->
     gives every layer's input), worst first. bf16/fp16 layers: the weights' rounding error."""
     import numpy as np
     from onnx.reference import ReferenceEvaluator
+
+    from accelkit.backends.cpu import from_16bit, to_16bit
 
     layers = dense_layers(proto)
     if not layers:
@@ -215,9 +219,7 @@ def layer_errors(proto, batches: Sequence[Mapping[str, Any]], precision: str) ->
             if precision == "int8":
                 e = _int8_product_error(a, w)
             else:
-                rounded = w.astype(np.float16).astype(np.float64) if precision == "fp16" else (
-                    (w.view(np.uint32).astype(np.uint64) + 0x7FFF + ((w.view(np.uint32).astype(np.uint64) >> 16) & 1))
-                    >> 16 << 16).astype(np.uint32).view(np.float32).astype(np.float64)
+                rounded = from_16bit(to_16bit(w, precision), precision).astype(np.float64)
                 a2 = np.asarray(a, np.float64).reshape(-1, w.shape[0])
                 exact = a2 @ w
                 e = float(np.linalg.norm(a2 @ rounded - exact) / max(np.linalg.norm(exact), 1e-30))

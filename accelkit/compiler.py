@@ -110,8 +110,7 @@ def compile_model(
         unpruned = _compile(original, be, precision, input_shapes, cache, options, apply_tuning=tune is not False,
                             calibration=calibration)
         batches = acc.load_batches(calibration, compiled.inputs) if calibration is not None else None
-        compiled.manifest["pruning"] = prune_mod.report(pruning, compiled, unpruned, batches,
-                                                        compiled.manifest.get("index_bounds"))
+        compiled.manifest["pruning"] = prune_mod.report(pruning, compiled, unpruned, batches)
     if tuning_report is not None:
         compiled.tuning_report = tuning_report
     return compiled
@@ -133,7 +132,7 @@ def _meet_accuracy(compiled, budget: float, model, be, precision, input_shapes, 
         return compiled
     proto = frontend.prepare(model, input_shapes).proto
     batches = (acc.load_batches(calibration, compiled.inputs) if calibration is not None else
-               [acc.random_batch(compiled, seed=i) for i in range(acc.RANDOM_BATCHES)])
+               acc.random_batches(compiled))
     ranked = [layer for layer in acc.layer_errors(proto, batches, precision) if layer["layer_error"] > 0]
 
     def build(count: int):
@@ -294,14 +293,14 @@ class _Accuracy:
         if self.calibration is None:
             return None
         model, _, input_shapes = self.args[:3]
-        return accuracy.digest(self.batches(frontend.prepare(model, input_shapes).inputs))
+        return accuracy.digest(self.batches(frontend.input_specs(model, input_shapes)))
 
-    def measure(self, compiled, index_bounds) -> dict[str, Any]:
+    def measure(self, compiled) -> dict[str, Any]:
         from accelkit import accuracy
 
         model, be, input_shapes, cache, options, apply_tuning = self.args
         reference = _compile(model, be, "fp32", input_shapes, cache, options, apply_tuning=apply_tuning)
-        return accuracy.measure(compiled, reference, self.batches(compiled.inputs), index_bounds)
+        return accuracy.measure(compiled, reference, self.batches(compiled.inputs))
 
 
 def _build(model, input_shapes, be, compile_options, *, status: str, accuracy: _Accuracy | None = None):
@@ -333,7 +332,7 @@ def _build(model, input_shapes, be, compile_options, *, status: str, accuracy: _
         }
         compiled = CompiledModel(be, out_dir, manifest, owns_directory=True)
         if accuracy is not None:
-            manifest["accuracy"] = accuracy.measure(compiled, manifest["index_bounds"])
+            manifest["accuracy"] = accuracy.measure(compiled)
     except AccelkitError:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise

@@ -54,10 +54,10 @@ def prune(model, sparsity: float):
     return proto, stats
 
 
-def report(stats: dict[str, Any], pruned, unpruned, batches, index_bounds) -> dict[str, Any]:
+def report(stats: dict[str, Any], pruned, unpruned, batches) -> dict[str, Any]:
     """The pruning report: the stats and the pruned model's accuracy against the unpruned one."""
     from accelkit import accuracy
 
-    measured = accuracy.measure(pruned, unpruned, batches, index_bounds)
+    measured = accuracy.measure(pruned, unpruned, batches)
     measured["reference"] = f"the unpruned model ({pruned.precision})"
     return {**stats, "accuracy": measured}

@@ -68,21 +68,27 @@ def test_onnxruntime(benchmark, compiled, name):
                        iterations=1)
 
 
-def interleaved(run_a, run_b, blocks: int = 6, per_block: int = 5, settle_s: float = 0.3):
-    """Medians (ms) of run_a and run_b timed in alternating blocks, each after a pause: slow
-    drifts of a shared machine (steal time, turbo) then hit both systems alike."""
+def interleaved_all(runs: dict, blocks: int = 6, per_block: int = 5, settle_s: float = 0.3) -> dict[str, float]:
+    """Median ms of each system in `runs` (name -> run()), timed in alternating blocks, each
+    after a pause: slow drifts of a shared machine (steal time, turbo) then hit all alike."""
     import numpy as np
 
-    times = ([], [])
+    times = {name: [] for name in runs}
     for _ in range(blocks):
-        for run, out in ((run_a, times[0]), (run_b, times[1])):
+        for name, run in runs.items():
             time.sleep(settle_s)
             run()  # warm the pool back up
             for _ in range(per_block):
                 start = time.perf_counter()
                 run()
-                out.append(time.perf_counter() - start)
-    return float(np.median(times[0])) * 1e3, float(np.median(times[1])) * 1e3
+                times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+
+
+def interleaved(run_a, run_b, blocks: int = 6, per_block: int = 5, settle_s: float = 0.3):
+    """interleaved_all of two systems: (median ms of run_a, median ms of run_b)."""
+    ms = interleaved_all({"a": run_a, "b": run_b}, blocks, per_block, settle_s)
+    return ms["a"], ms["b"]
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from test_models_bench import SETTLE_S
+from test_models_bench import interleaved_all
 
 MODELS = ["minilm", "bert-base", "mlp", "resnet50"]
 PER_BLOCK = {"minilm": 8, "bert-base": 3, "mlp": 50, "resnet50": 5}
@@ -100,25 +100,11 @@ def _quantize_static_qdq(path: str, qpath: str) -> None:
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
-def interleaved(runs: dict, blocks: int, per_block: int) -> dict[str, float]:
-    """Median ms of each system, timed in alternating blocks after a pause (see test_models_bench)."""
-    times = {k: [] for k in runs}
-    for _ in range(blocks):
-        for name, run in runs.items():
-            time.sleep(SETTLE_S / 3)
-            run()
-            for _ in range(per_block):
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
-    return {k: float(np.median(v)) * 1e3 for k, v in times.items()}
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_precision_same_run(benchmark, systems, name):
     runs, cosines, accuracy = systems(name)
     benchmark.group = "precision, same run"
-    ms = benchmark.pedantic(interleaved, args=(runs, 6, PER_BLOCK[name]), rounds=1, iterations=1)
+    ms = benchmark.pedantic(interleaved_all, args=(runs, 6, PER_BLOCK[name]), rounds=1, iterations=1)
     benchmark.extra_info.update(
         model=name, ms={k: round(v, 3) for k, v in ms.items()},
         cosine_vs_onnxruntime_fp32={k: round(v, 6) for k, v in cosines.items()},
@@ -199,7 +185,7 @@ def w16_systems(zoo_model, tmp_path_factory):
 def test_w16_same_run(benchmark, w16_systems, name):
     runs, cosines, offloaded = w16_systems(name)
     benchmark.group = "bf16/fp16 weights, same run"
-    ms = benchmark.pedantic(interleaved, args=(runs, 6, W16_MODELS[name]), rounds=1, iterations=1)
+    ms = benchmark.pedantic(interleaved_all, args=(runs, 6, W16_MODELS[name]), rounds=1, iterations=1)
     benchmark.extra_info.update(
         model=name, ms={k: round(v, 3) for k, v in ms.items()},
         cosine_vs_accelkit_fp32={k: round(v, 7) for k, v in cosines.items()},

@@ -18,6 +18,32 @@ def make_model(nodes, inputs, outputs, initializers=(), opset=17, name="test", d
     return model
 
 
+def ffn_model():
+    """A transformer feed-forward block as torch exports it on a 3-D input: MatMul + bias, erf
+    GELU (x * 0.5 * (1 + erf(x / sqrt(2)))), MatMul + bias, residual add; x [2, 7, 48]."""
+    import math
+
+    rng = np.random.default_rng(2)
+
+    def const(name, array):
+        return numpy_helper.from_array(np.asarray(array, np.float32), name)
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["m1"]), helper.make_node("Add", ["b1", "m1"], ["h"]),
+        helper.make_node("Div", ["h", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["e1"]), helper.make_node("Mul", ["h", "e1"], ["he"]),
+        helper.make_node("Mul", ["he", "half"], ["gelu"]),
+        helper.make_node("MatMul", ["gelu", "W2"], ["m2"]), helper.make_node("Add", ["m2", "b2"], ["o"]),
+        helper.make_node("Add", ["o", "x"], ["y"]),
+    ]
+    inits = [const("W1", rng.standard_normal((48, 96)) / 7), const("b1", rng.standard_normal(96)),
+             const("W2", rng.standard_normal((96, 48)) / 10), const("b2", rng.standard_normal(48)),
+             const("sqrt2", math.sqrt(2)), const("one", 1.0), const("half", 0.5)]
+    F = TensorProto.FLOAT
+    return make_model(nodes, [helper.make_tensor_value_info("x", F, [2, 7, 48])],
+                      [helper.make_tensor_value_info("y", F, [2, 7, 48])], inits)
+
+
 def mlp_model(batch=8, dims=(32, 64, 16), seed=0, last="Softmax"):
     """MatMul+Add+Relu, then MatMul+Add (bias first) and a `last` op TVM generates."""
     rng = np.random.default_rng(seed)

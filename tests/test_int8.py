@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from accelkit.backends.cpu import ACT_CODES, quantize_weight_int8
+from conftest import ffn_model
 from test_kernels import ACTS, NATIVE_ISA, close, k, none, t, with_epilogue  # noqa: F401
 
 
@@ -141,34 +142,6 @@ def test_dense_i8_refuses_bad_arguments(k):
 
 # ---- precision="int8" end to end ------------------------------------------------------------
 
-def _ffn_model():
-    """A transformer feed-forward block as torch exports it: MatMul + bias, erf GELU, MatMul +
-    bias, residual add."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    from conftest import make_model
-
-    rng = np.random.default_rng(2)
-
-    def const(name, array):
-        return numpy_helper.from_array(np.asarray(array, np.float32), name)
-
-    nodes = [
-        helper.make_node("MatMul", ["x", "W1"], ["m1"]), helper.make_node("Add", ["b1", "m1"], ["h"]),
-        helper.make_node("Div", ["h", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
-        helper.make_node("Add", ["e", "one"], ["e1"]), helper.make_node("Mul", ["h", "e1"], ["he"]),
-        helper.make_node("Mul", ["he", "half"], ["gelu"]),
-        helper.make_node("MatMul", ["gelu", "W2"], ["m2"]), helper.make_node("Add", ["m2", "b2"], ["o"]),
-        helper.make_node("Add", ["o", "x"], ["y"]),
-    ]
-    inits = [const("W1", rng.standard_normal((48, 96)) / 7), const("b1", rng.standard_normal(96)),
-             const("W2", rng.standard_normal((96, 48)) / 10), const("b2", rng.standard_normal(48)),
-             const("sqrt2", math.sqrt(2)), const("one", 1.0), const("half", 0.5)]
-    F = TensorProto.FLOAT
-    return make_model(nodes, [helper.make_tensor_value_info("x", F, [2, 7, 48])],
-                      [helper.make_tensor_value_info("y", F, [2, 7, 48])], inits)
-
-
 def _cosine(a, b):
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     norms = np.linalg.norm(a) * np.linalg.norm(b)
@@ -178,7 +151,7 @@ def _cosine(a, b):
 def test_int8_model_runs_the_int8_kernel_and_reports_its_accuracy():
     import accelkit
 
-    proto = _ffn_model()
+    proto = ffn_model()
     fp32 = accelkit.compile(proto, cache=False)
     int8 = accelkit.compile(proto, cache=False, precision="int8")
     assert int8.precision == "int8"
@@ -198,7 +171,7 @@ def test_int8_model_runs_the_int8_kernel_and_reports_its_accuracy():
 def test_calibration_batches_are_what_accuracy_is_measured_on(tmp_path):
     import accelkit
 
-    proto = _ffn_model()
+    proto = ffn_model()
     rng = np.random.default_rng(4)
     stacked = {"x": rng.standard_normal((3, 2, 7, 48)).astype(np.float32)}
     model = accelkit.compile(proto, cache=False, precision="int8", calibration=stacked)
@@ -225,14 +198,14 @@ def test_bad_calibration_is_refused_with_what_is_expected(calibration, message):
     import accelkit
 
     with pytest.raises(accelkit.OptionError, match=message):
-        accelkit.compile(_ffn_model(), cache=False, precision="int8", calibration=calibration)
+        accelkit.compile(ffn_model(), cache=False, precision="int8", calibration=calibration)
 
 
 def test_calibration_is_for_reduced_precisions_only():
     import accelkit
 
     with pytest.raises(accelkit.OptionError, match="calibration= is for reduced precisions"):
-        accelkit.compile(_ffn_model(), cache=False, calibration={"x": np.zeros((2, 7, 48), np.float32)})
+        accelkit.compile(ffn_model(), cache=False, calibration={"x": np.zeros((2, 7, 48), np.float32)})
 
 
 def test_int8_on_the_command_line(tmp_path):
@@ -242,7 +215,7 @@ def test_int8_on_the_command_line(tmp_path):
     import onnx
 
     path = tmp_path / "ffn.onnx"
-    onnx.save(_ffn_model(), str(path))
+    onnx.save(ffn_model(), str(path))
     env_cache = {"ACCELKIT_CACHE_DIR": str(tmp_path / "cache")}
     import os
 
@@ -309,7 +282,7 @@ def test_accuracy_budget_keeps_the_layer_int8_breaks_in_fp32_and_names_it():
 def test_accuracy_budget_already_met_keeps_everything_int8():
     import accelkit
 
-    model = accelkit.compile(_ffn_model(), cache=False, precision="int8", accuracy=0.99)
+    model = accelkit.compile(ffn_model(), cache=False, precision="int8", accuracy=0.99)
     a = model.manifest["accuracy"]
     assert a["met"] and a["kept_fp32"] == []
     assert model.manifest["offloaded"] == {"cpu.dense_i8_bias_gelu": 1, "cpu.dense_i8_bias_add": 1}
@@ -324,7 +297,7 @@ def test_bad_accuracy_budget_is_refused(precision, accuracy, message):
     import accelkit
 
     with pytest.raises(accelkit.OptionError, match=message):
-        accelkit.compile(_ffn_model(), cache=False, precision=precision, accuracy=accuracy)
+        accelkit.compile(ffn_model(), cache=False, precision=precision, accuracy=accuracy)
 
 
 def test_int8_runs_1x1_convolutions_as_dense_layers_and_the_others_in_the_int8_conv_kernel():

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import make_model
+from conftest import ffn_model, make_model
 from onnx import TensorProto, helper, numpy_helper
 
 import accelkit
@@ -45,21 +45,7 @@ def test_gemm_with_transposed_weight_and_relu():
 
 def test_transformer_ffn_gelu_erf_and_residual_on_3d_input():
     """torch's export of nn.GELU(): x * 0.5 * (1 + erf(x / sqrt(2))) after a 3-D MatMul."""
-    rng = np.random.default_rng(2)
-    nodes = [
-        helper.make_node("MatMul", ["x", "W1"], ["m1"]), helper.make_node("Add", ["b1", "m1"], ["h"]),
-        helper.make_node("Div", ["h", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
-        helper.make_node("Add", ["e", "one"], ["e1"]), helper.make_node("Mul", ["h", "e1"], ["he"]),
-        helper.make_node("Mul", ["he", "half"], ["gelu"]),
-        helper.make_node("MatMul", ["gelu", "W2"], ["m2"]), helper.make_node("Add", ["m2", "b2"], ["o"]),
-        helper.make_node("Add", ["o", "x"], ["y"]),
-    ]
-    inits = [const("W1", rng.standard_normal((48, 96)) / 7), const("b1", rng.standard_normal(96)),
-             const("W2", rng.standard_normal((96, 48)) / 10), const("b2", rng.standard_normal(48)),
-             const("sqrt2", math.sqrt(2)), const("one", 1.0), const("half", 0.5)]
-    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [2, 7, 48])],
-                       [helper.make_tensor_value_info("y", F, [2, 7, 48])], inits)
-    check(proto, {"cpu.dense_bias_gelu": 1, "cpu.dense_bias_add": 1})
+    check(ffn_model(), {"cpu.dense_bias_gelu": 1, "cpu.dense_bias_add": 1})
 
 
 def test_gelu_with_other_constants_is_not_taken_for_gelu():

@@ -53,16 +53,22 @@ def _int8_pays(k: int, n: int) -> bool:
     return k >= INT8_MIN_K and n >= INT8_MIN_N
 
 
-def quantize_weight_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """W[K, N] -> (wq int8 [P, ceil(K/4), NR, 4], qparams float32 [2, P*NR]), the int8 dense
-    kernel's layout: per output channel n a symmetric scale max|W[:, n]| / 127 and
-    wq = round(W / scale) in [-127, 127]; 4 consecutive k of a column side by side (one VNNI dot
-    product); qparams = (scales, column sums of wq); zero padded."""
+def quantize_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """W[K, N] -> (wq int8 [K, N], scale float32 [N]): per output channel n a symmetric scale
+    max|W[:, n]| / 127 (1 for an all-zero column) and wq = round(W / scale) in [-127, 127]."""
     k, n = w.shape
     w = w.astype(np.float64)
     amax = np.abs(w).max(axis=0) if k else np.zeros(n)
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w / scale.astype(np.float64)), -127, 127).astype(np.int8)
+    return np.clip(np.rint(w / scale.astype(np.float64)), -127, 127).astype(np.int8), scale
+
+
+def quantize_weight_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """W[K, N] -> (wq int8 [P, ceil(K/4), NR, 4], qparams float32 [2, P*NR]), the int8 dense
+    kernel's layout: `quantize_per_channel`, 4 consecutive k of a column side by side (one VNNI
+    dot product); qparams = (scales, column sums of wq); zero padded."""
+    k, n = w.shape
+    q, scale = quantize_per_channel(w)
     panels, k4 = -(-n // NR), -(-k // 4)
     padded = np.zeros((k4 * 4, panels * NR), np.int8)
     padded[:k, :n] = q
@@ -80,15 +86,26 @@ W16_FORMATS = {"bf16": 0, "fp16": 1}  # AK_W16_BF16, AK_W16_FP16
 W16_MAX_ROWS = 8
 
 
-def pack_weight_16(w: np.ndarray, fmt: str) -> np.ndarray:
-    """W[K, N] -> the bits of bf16 or fp16 panels [ceil(N/NR), K, NR] (uint16; bf16 rounded to
-    nearest even), the 16-bit dense kernel's layout."""
-    packed = pack_weight(w.astype(np.float32))
+def to_16bit(w: np.ndarray, fmt: str) -> np.ndarray:
+    """The bits (uint16) of float32 w as bf16 (rounded to nearest even) or fp16."""
+    w = np.ascontiguousarray(w, np.float32)
     if fmt == "fp16":
-        return np.ascontiguousarray(packed.astype(np.float16).view(np.uint16))
-    bits = packed.view(np.uint32).astype(np.uint64)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    return np.ascontiguousarray(rounded.astype(np.uint16))
+        return w.astype(np.float16).view(np.uint16)
+    bits = w.view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def from_16bit(bits: np.ndarray, fmt: str) -> np.ndarray:
+    """float32 values of bf16/fp16 bits (to_16bit's inverse on its results)."""
+    if fmt == "fp16":
+        return bits.view(np.float16).astype(np.float32)
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def pack_weight_16(w: np.ndarray, fmt: str) -> np.ndarray:
+    """W[K, N] -> the bits of bf16 or fp16 panels [ceil(N/NR), K, NR] (uint16, `to_16bit`), the
+    16-bit dense kernel's layout."""
+    return np.ascontiguousarray(to_16bit(pack_weight(w.astype(np.float32)), fmt))
 
 
 MR = 8  # rows per packed A micro-panel (AK_MR)

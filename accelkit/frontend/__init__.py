@@ -242,6 +242,11 @@ def _set_shape(vi: onnx.ValueInfoProto, shape: Sequence[int | None]) -> None:
 
 # --------------------------------------------------------------------------- prepare
 
+def input_specs(model, input_shapes: Mapping[str, Sequence[int]] | None = None) -> list[TensorSpec]:
+    """The model's inputs with static shapes, as prepare gives them, without the folding."""
+    return _resolve_shapes(load_model(model), input_shapes)
+
+
 def prepare(model, input_shapes: Mapping[str, Sequence[int]] | None = None) -> Graph:
     """Load `model`, make its input shapes static and normalise it for import (see module doc)."""
     proto = load_model(model)
