@@ -91,13 +91,15 @@ def digest(batches: Sequence[Mapping[str, Any]] | None) -> str | None:
     return h.hexdigest()
 
 
-def random_batches(compiled) -> list[dict[str, Any]]:
-    """What accuracy is measured on without calibration data: RANDOM_BATCHES batches of
-    bench.random_feeds (token ids within their tables, from the manifest's index bounds)."""
+def random_batches(compiled=None, *, inputs=None, index_bounds=None) -> list[dict[str, Any]]:
+    """What accuracy is measured (and int8 calibrated) on without calibration data:
+    RANDOM_BATCHES batches of bench.random_feeds for a CompiledModel's inputs (or the given
+    input specs), token ids within their tables (the index bounds)."""
     from accelkit.bench import random_feeds
 
-    return [random_feeds(compiled.inputs, compiled.manifest.get("index_bounds"), seed=i)
-            for i in range(RANDOM_BATCHES)]
+    if compiled is not None:
+        inputs, index_bounds = compiled.inputs, compiled.manifest.get("index_bounds")
+    return [random_feeds(inputs, index_bounds, seed=i) for i in range(RANDOM_BATCHES)]
 
 
 def measure(reduced, reference, batches: Sequence[Mapping[str, Any]] | None) -> dict[str, Any]:
@@ -227,3 +229,125 @@ def layer_errors(proto, batches: Sequence[Mapping[str, Any]], precision: str) ->
     ranked = sorted(layers, key=lambda layer: -errors[layer["node"]])
     return [{"node": layer["node"], "op": layer["op"], "layer_error": errors[layer["node"]],
              "digests": sorted(layer["digests"])} for layer in ranked]
+
+
+# ---- int8 activation ranges from calibration batches -------------------------------------------
+
+CALIBRATION_METHODS = ("auto", "dynamic", "minmax", "percentile", "entropy")
+PERCENTILE = 99.99  # the percentile method keeps this share of each input's values in range
+_SAMPLE = 1 << 20  # values per tensor and batch kept for the percentile/entropy methods
+
+
+def int8_layers(proto, ops: Sequence[str] = ("MatMul", "Gemm", "Conv")) -> list[dict[str, Any]]:
+    """The layers int8 can run whose input ranges calibration sets: MatMul/Gemm with a 2-D float
+    initializer weight (dense_layers) and every ungrouped Conv with an initializer weight; node,
+    op, input name and the digests the backend's patterns look the range up by."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from accelkit.backends.cpu import conv_weight_matrix
+
+    layers = [layer for layer in dense_layers(proto) if layer["op"] != "Conv" and layer["op"] in ops]
+    if "Conv" not in ops:
+        return layers
+    inits = {t.name: t for t in proto.graph.initializer}
+    for i, node in enumerate(proto.graph.node):
+        if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if group != 1 or w.ndim != 4 or w.dtype.kind != "f":
+            continue
+        layers.append({"node": node.name or f"Conv_{i}", "op": "Conv", "input": node.input[0],
+                       "digests": {weight_digest(conv_weight_matrix(w.astype(np.float32)))}})
+    return layers
+
+
+def activation_ranges(proto, batches: Sequence[Mapping[str, Any]], method: str,
+                      ops: Sequence[str] = ("MatMul", "Gemm", "Conv")) -> list[dict[str, Any]]:
+    """Each int8 layer's input range [lo, hi] from the batches (onnx's reference evaluator gives
+    every layer's input), by `method`:
+    - minmax: the least and greatest value seen;
+    - percentile: the PERCENTILE-th percentile of the values above 0 and of those below (an
+      outlier no longer stretches the grid of all the others);
+    - entropy: the clipping threshold whose 8-bit histogram is closest to the full one in
+      Kullback-Leibler divergence (TensorRT's calibration), on |x|.
+    Returns [{"node", "op", "input", "lo", "hi", "digests"}] in graph order."""
+    import numpy as np
+    from onnx.reference import ReferenceEvaluator
+
+    if method not in ("minmax", "percentile", "entropy"):
+        raise OptionError(f"calibration method {method!r}: choose minmax, percentile or entropy")
+    layers = int8_layers(proto, ops)
+    if not layers or not batches:
+        return []
+    evaluator = ReferenceEvaluator(proto)
+    rng = np.random.default_rng(0)
+    lo = {layer["input"]: np.inf for layer in layers}
+    hi = {layer["input"]: -np.inf for layer in layers}
+    samples: dict[str, list] = {name: [] for name in lo}
+    for feeds in batches:
+        values = evaluator.run(None, dict(feeds), intermediate=True)
+        for name in lo:
+            a = values.get(name)
+            if a is None:
+                continue
+            a = np.asarray(a, np.float32).ravel()
+            a = a[np.isfinite(a)]
+            if not a.size:
+                continue
+            lo[name], hi[name] = min(lo[name], float(a.min())), max(hi[name], float(a.max()))
+            if method != "minmax":
+                samples[name].append(a if a.size <= _SAMPLE else rng.choice(a, _SAMPLE, replace=False))
+    result = []
+    for layer in layers:
+        name = layer["input"]
+        if not np.isfinite(lo[name]):
+            continue
+        a_lo, a_hi = lo[name], hi[name]
+        if method != "minmax":
+            v = np.concatenate(samples[name])
+            if method == "percentile":
+                a_lo = -float(np.percentile(-v[v < 0], PERCENTILE)) if (v < 0).any() else 0.0
+                a_hi = float(np.percentile(v[v > 0], PERCENTILE)) if (v > 0).any() else 0.0
+            else:
+                t = _entropy_threshold(np.abs(v), levels=256 if a_lo >= 0 else 128)
+                a_lo, a_hi = max(a_lo, -t), min(a_hi, t)
+        result.append({"node": layer["node"], "op": layer["op"], "input": name, "lo": float(min(a_lo, 0.0)),
+                       "hi": float(max(a_hi, 0.0)), "digests": sorted(layer["digests"])})
+    return result
+
+
+def _entropy_threshold(v, levels: int, bins: int = 2048) -> float:
+    """The threshold T of |x| values v whose `levels`-level quantization of the histogram
+    clipped at T is closest (Kullback-Leibler) to the histogram clipped at T with its tail
+    folded into the last bin (zeros left out)."""
+    import numpy as np
+
+    # exact zeros (half of a relu's outputs) sit on the zero point at every threshold; in the
+    # histogram their spike would be smeared over the first level's bins and favour tiny ones
+    v = v[v != 0]
+    amax = float(v.max()) if v.size else 0.0
+    if not amax > 0:
+        return 0.0
+    hist, edges = np.histogram(v, bins=bins, range=(0.0, amax))
+    hist = hist.astype(np.float64)
+    best, best_kl = bins, np.inf
+    for i in range(levels, bins + 1, 16):
+        p = hist[:i].copy()
+        p[-1] += hist[i:].sum()
+        starts = (np.arange(levels) * i) // levels
+        merged = np.add.reduceat(hist[:i], starts)
+        nonzero = hist[:i] > 0
+        counts = np.add.reduceat(nonzero.astype(np.float64), starts)
+        level = np.repeat(np.arange(levels), np.diff(np.append(starts, i)))
+        q = np.where(nonzero, merged[level] / np.maximum(counts[level], 1), 0.0)
+        ps, qs = p.sum(), q.sum()
+        if not (ps > 0 and qs > 0):
+            continue
+        p, q = p / ps, q / qs
+        mask = p > 0
+        kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+        if kl < best_kl:
+            best, best_kl = i, kl
+    return float(edges[best])

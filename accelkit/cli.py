@@ -102,7 +102,7 @@ def _feed_args(p):
 def _compile_args(p):
     p.add_argument("--backend", default="cpu", help="backend name (see `accelkit backends`)")
     p.add_argument("--precision", default="fp32",
-                   help="fp32, int8 (dense layers in int8), bf16 or fp16 (16-bit weights for the "
+                   help="fp32, int8 (dense layers and convolutions in int8), bf16 or fp16 (16-bit weights for the "
                         "few-row, weight-bound dense layers); a reduced precision's accuracy against "
                         "fp32 is measured and printed")
     p.add_argument("--accuracy", type=float, metavar="MIN_COSINE",
@@ -114,6 +114,10 @@ def _compile_args(p):
     p.add_argument("--calibration", metavar="DATA.npz|DIR",
                    help="batches to measure a reduced precision's accuracy on (an .npz with the input "
                         "names as keys, or a directory of them); default: random inputs")
+    p.add_argument("--calibration-method", choices=["auto", "dynamic", "minmax", "percentile", "entropy"],
+                   help="int8 input ranges: dynamic (each row's own, at run time), minmax, percentile or "
+                        "entropy (one range per layer from the calibration batches); auto (default): "
+                        "percentile for convolutions, dynamic for MatMul/Gemm")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
                    help="size for an input with symbolic dims, e.g. input_ids=1,128 (repeatable)")
     p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
@@ -155,6 +159,7 @@ def _compile(args):
     return accelkit.compile(args.model, backend=args.backend, precision=args.precision,
                             input_shapes=_input_shapes(args.input_shape),
                             calibration=getattr(args, "calibration", None),
+                            calibration_method=getattr(args, "calibration_method", None),
                             accuracy=getattr(args, "accuracy", None), sparsity=getattr(args, "sparsity", None),
                             **_backend_options(args.option))
 
@@ -182,6 +187,11 @@ def _print_summary(m):
         kernels = ", ".join(f"{k} x{v}" for k, v in sorted(m["offloaded"].items())) or "none"
         print(f"  offloaded: {kernels}")
     _print_pruning(m)
+    c = m.get("calibration")
+    if c:
+        print(f"  int8 input ranges: {c['method']}; "
+              + (f"{len(c['layers'])} layer(s) calibrated on {c['batches']} {c['inputs']} batches, "
+                 f"the other int8 layers per row at run time" if c["layers"] else "every int8 layer per row at run time"))
     if m.get("accuracy"):
         a = m["accuracy"]
         print(f"  accuracy vs {a['reference']} ({a['batches']} {a['inputs']} batches): "

@@ -22,6 +22,7 @@ def compile_model(
     cache: bool = True,
     tune=None,
     calibration=None,
+    calibration_method: str | None = None,
     accuracy: float | None = None,
     sparsity: float | None = None,
     **options: Any,
@@ -31,8 +32,16 @@ def compile_model(
     precision: fp32, int8, bf16 or fp16 where the backend supports it (Backend.precisions). A reduced
           precision is always measured: the fp32 build and this one run on the same batches and
           the manifest's "accuracy" holds each output's cosine similarity and relative error.
-    calibration: the batches that measurement runs on (accelkit.accuracy lists the forms: a dict
-          of input arrays, a list of them, an .npz file or a directory); default: random inputs.
+    calibration: the batches that measurement (and int8 calibration) runs on (accelkit.accuracy
+          lists the forms: a dict of input arrays, a list of them, an .npz file or a directory);
+          default: random inputs.
+    calibration_method: how int8 layers get their input ranges. "dynamic": each row (pixel,
+          token) quantized with its own range when the layer runs; "minmax", "percentile",
+          "entropy": one range per layer input, from the calibration batches at compile time
+          (accelkit.accuracy.activation_ranges; a convolution then quantizes its input image
+          once instead of every window); "auto" (default): the calibrated percentile range
+          for convolutions, dynamic rows for MatMul/Gemm (transformer activations have
+          outlier channels a per-tensor range would crush).
     accuracy: the least cosine similarity to fp32 every output must keep (e.g. 0.99). When the
           reduced build falls short, the dense layers whose own quantization error is largest
           are kept in fp32, a few more per rebuild, until it holds; manifest["accuracy"] lists
@@ -71,6 +80,14 @@ def compile_model(
         from accelkit.pruning import check_sparsity
 
         check_sparsity(sparsity)
+    from accelkit.accuracy import CALIBRATION_METHODS
+
+    if calibration_method is not None:
+        if calibration_method not in CALIBRATION_METHODS:
+            raise OptionError(f"unknown calibration_method {calibration_method!r}; choose one of "
+                              f"{', '.join(CALIBRATION_METHODS)}")
+        if precision != "int8":
+            raise OptionError(f"calibration_method= sets int8 activation ranges; precision is {precision!r}")
     if calibration is not None and precision == "fp32":
         raise OptionError("calibration= is for reduced precisions (int8, bf16, fp16); an fp32 build "
                           "needs no calibration data")
@@ -98,17 +115,18 @@ def compile_model(
 
         original = model
         model, pruning = prune_mod.prune(model, float(sparsity))
+    method = (calibration_method or "auto") if precision == "int8" else "dynamic"
     compiled = _compile(model, be, precision, input_shapes, cache, options, apply_tuning=tune is not False,
-                        calibration=calibration)
+                        calibration=calibration, method=method)
     if accuracy is not None:
         compiled = _meet_accuracy(compiled, float(accuracy), model, be, precision, input_shapes, cache, options,
-                                  apply_tuning=tune is not False, calibration=calibration)
+                                  apply_tuning=tune is not False, calibration=calibration, method=method)
     if pruning is not None:
         from accelkit import accuracy as acc
         from accelkit import pruning as prune_mod
 
         unpruned = _compile(original, be, precision, input_shapes, cache, options, apply_tuning=tune is not False,
-                            calibration=calibration)
+                            calibration=calibration, method=method)
         batches = acc.load_batches(calibration, compiled.inputs) if calibration is not None else None
         compiled.manifest["pruning"] = prune_mod.report(pruning, compiled, unpruned, batches)
     if tuning_report is not None:
@@ -117,7 +135,7 @@ def compile_model(
 
 
 def _meet_accuracy(compiled, budget: float, model, be, precision, input_shapes, cache, options, *,
-                   apply_tuning: bool, calibration):
+                   apply_tuning: bool, calibration, method: str = "dynamic"):
     """Rebuild with the most quantization-sensitive dense layers in fp32 (worst first: 1, 3, 7,
     ... of them, then a bisection back to the fewest that hold) until every output's cosine to
     fp32 is at least `budget`."""
@@ -138,7 +156,7 @@ def _meet_accuracy(compiled, budget: float, model, be, precision, input_shapes, 
     def build(count: int):
         keep = frozenset(d for layer in ranked[:count] for d in layer["digests"])
         model_ = _compile(model, be, precision, input_shapes, cache, options, apply_tuning=apply_tuning,
-                          calibration=calibration, keep_fp32=keep)
+                          calibration=calibration, keep_fp32=keep, method=method)
         return model_, model_.manifest.get("accuracy") or {}
 
     # the worst 1, 3, 7, ... layers until the budget holds, then bisect back between the last
@@ -176,14 +194,15 @@ def _meet_accuracy(compiled, budget: float, model, be, precision, input_shapes, 
 
 
 def _compile(model, be, precision, input_shapes, cache, options, *, apply_tuning: bool, calibration=None,
-             keep_fp32: frozenset = frozenset()):
+             keep_fp32: frozenset = frozenset(), method: str = "dynamic"):
     from accelkit.backends import CompileOptions, TVMBackend
     from accelkit.tuning import applied_tuning
 
     tuning = None
     if apply_tuning and isinstance(be, TVMBackend) and precision == "fp32":
         tuning = applied_tuning(be, be.target(CompileOptions()))
-    compile_options = CompileOptions(precision=precision, extra=dict(options), tuning=tuning, keep_fp32=keep_fp32)
+    compile_options = CompileOptions(precision=precision, extra=dict(options), tuning=tuning, keep_fp32=keep_fp32,
+                                     calibration_method=method)
     # a reduced precision is measured against fp32 on these (None: random inputs)
     accuracy = None
     if precision != "fp32":
@@ -251,6 +270,7 @@ def _key_components(model, input_shapes, be, options) -> dict[str, Any] | None:
         "calibration": None,  # digest of the calibration batches (reduced precisions)
         "tuning_db": options.tuning.digest if options.tuning is not None else None,
         **({"keep_fp32": sorted(options.keep_fp32)} if options.keep_fp32 else {}),
+        **({"calibration_method": options.calibration_method} if options.precision == "int8" else {}),
         "options": options.extra,
         "versions": artifact.versions(),
     }
@@ -310,6 +330,9 @@ def _build(model, input_shapes, be, compile_options, *, status: str, accuracy: _
     from accelkit.model import CompiledModel
 
     graph = frontend.prepare(model, input_shapes)
+    calibrated = None
+    if compile_options.precision == "int8" and compile_options.calibration_method != "dynamic":
+        compile_options, calibrated = _calibrate(graph, compile_options, accuracy)
     out_dir = tempfile.mkdtemp(prefix="accelkit-build-")
     try:
         entries = be.compile(graph, compile_options, out_dir)
@@ -330,6 +353,8 @@ def _build(model, input_shapes, be, compile_options, *, status: str, accuracy: _
             "files": files,
             **entries,
         }
+        if compile_options.precision == "int8":
+            manifest["calibration"] = calibrated or {"method": "dynamic", "layers": []}
         compiled = CompiledModel(be, out_dir, manifest, owns_directory=True)
         if accuracy is not None:
             manifest["accuracy"] = accuracy.measure(compiled)
@@ -341,6 +366,27 @@ def _build(model, input_shapes, be, compile_options, *, status: str, accuracy: _
         raise CompileError(f"backend '{be.name}' failed: {type(exc).__name__}: {exc}") from exc
     compiled.cache_status = status
     return compiled
+
+
+def _calibrate(graph, compile_options, accuracy: _Accuracy | None):
+    """The int8 layers' input ranges (accelkit.accuracy.activation_ranges) on the calibration
+    batches, or random ones -> (compile options holding them, the manifest's "calibration")."""
+    import dataclasses
+
+    from accelkit import accuracy as acc
+    from accelkit.guards import index_bounds
+
+    method = compile_options.calibration_method
+    batches = accuracy.batches(graph.inputs) if accuracy is not None else None
+    source = "calibration" if batches else "random"
+    if not batches:
+        batches = acc.random_batches(inputs=graph.inputs, index_bounds=index_bounds(graph.proto))
+    ops = ("Conv",) if method == "auto" else ("MatMul", "Gemm", "Conv")
+    ranges = acc.activation_ranges(graph.proto, batches, "percentile" if method == "auto" else method, ops)
+    table = tuple((d, r["lo"], r["hi"]) for r in ranges for d in r["digests"])
+    report = {"method": method, "inputs": source, "batches": len(batches),
+              "layers": [{"node": r["node"], "op": r["op"], "lo": r["lo"], "hi": r["hi"]} for r in ranges]}
+    return dataclasses.replace(compile_options, act_ranges=table), report
 
 
 def _spec(spec) -> dict[str, Any]:

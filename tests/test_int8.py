@@ -28,9 +28,17 @@ def path(request, monkeypatch):
     module.register()
 
 
-def quantize_rows(x: np.ndarray):
-    """The kernel's row quantization, in float32 like the C code: (q, scale, zero point)."""
+def quantize_rows(x: np.ndarray, xq=None):
+    """The kernel's row quantization, in float32 like the C code: (q, scale, zero point); with
+    xq = [scale, zero point] (a calibrated range) every row on that grid, saturating."""
     x = x.astype(np.float32)
+    if xq is not None:
+        scale, zp = np.float32(xq[0]), float(xq[1])
+        v = np.clip(x * (np.float32(1) / scale), -256, 256)
+        v[np.isnan(v)] = -256  # NaN reads as the grid's low end (the C code's float clamp)
+        q = np.clip(np.rint(v) + zp, 0, 255)
+        rows = x.shape[0]
+        return q.astype(np.int64), np.full(rows, float(scale)), np.full(rows, int(zp), np.int64)
     lo = np.minimum(x.min(axis=1), np.float32(0))
     hi = np.maximum(x.max(axis=1), np.float32(0))
     scale = ((hi - lo) / np.float32(255)).astype(np.float32)
@@ -41,9 +49,9 @@ def quantize_rows(x: np.ndarray):
     return q.astype(np.int64), scale.astype(np.float64), zp.astype(np.int64)
 
 
-def int8_reference(x2: np.ndarray, w: np.ndarray) -> np.ndarray:
+def int8_reference(x2: np.ndarray, w: np.ndarray, xq=None) -> np.ndarray:
     """x2[M, K] @ w[K, N] as the kernel computes it, in float64 from the quantized integers."""
-    q, s, z = quantize_rows(x2)
+    q, s, z = quantize_rows(x2, xq)
     packed, qp = quantize_weight_int8(w)
     n = w.shape[1]
     wq = np.clip(np.rint(w.astype(np.float64) / qp[0, :n].astype(np.float64)), -127, 127).astype(np.int64)
@@ -51,11 +59,12 @@ def int8_reference(x2: np.ndarray, w: np.ndarray) -> np.ndarray:
     return s[:, None] * qp[0, :n].astype(np.float64) * (acc - z[:, None] * wq.sum(axis=0))
 
 
-def run_dense_i8(k, x, w, b=None, r=None, act=None, res=0, scale=1.0):
+def run_dense_i8(k, x, w, b=None, r=None, act=None, res=0, scale=1.0, xq=None):
     packed, qp = quantize_weight_int8(w)
     n = w.shape[1]
     out = t(np.zeros((*x.shape[:-1], n), np.float32))
-    k("dense_i8")(t(x), t(packed), t(qp), t(b) if b is not None else none(), t(r) if r is not None else none(),
+    k("dense_i8")(t(x), t(packed), t(qp), t(np.asarray(xq, np.float32)) if xq is not None else none(),
+                  t(b) if b is not None else none(), t(r) if r is not None else none(),
                   n, ACT_CODES[act], res, 0.0, 6.0, scale, out)
     return out.numpy()
 
@@ -112,6 +121,28 @@ def test_dense_i8_rows_of_zeros_constants_and_k_not_a_multiple_of_4(k, path):
     assert not got[0].any()
 
 
+@pytest.mark.parametrize("shape", [(5, 45), (64, 64), (130, 70), (3, 17)])
+def test_dense_i8_with_a_calibrated_range_matches_the_reference_and_saturates(k, path, shape):
+    """x_qparams = a calibrated range: every row on that one grid; values outside it (and inf,
+    NaN) saturate to the grid's ends instead of wrapping."""
+    from accelkit.backends.cpu import activation_qparams
+
+    m, kk = shape
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((m, kk)).astype(np.float32)
+    x[0, 0], x[-1, -1] = 40.0, -30.0  # far outside the range
+    x[m // 2, 1], x[m // 2, 2] = np.inf, -np.inf
+    w = rng.standard_normal((kk, 40)).astype(np.float32)
+    xq = activation_qparams(-2.0, 3.0)
+    assert xq[1] == np.rint(2.0 / xq[0]) and np.isclose(xq[0], 5.0 / 255)
+    got = run_dense_i8(k, x, w, xq=xq)
+    close(got, int8_reference(x, w, xq))
+    clipped = np.clip(x, -2.0 - xq[0], 3.0 + xq[0])
+    assert np.linalg.norm(got - clipped @ w) / np.linalg.norm(clipped @ w) < 0.02
+    x[1, 3] = np.nan  # reads as the grid's low end, like the reference; no crash, no garbage
+    close(run_dense_i8(k, x, w, xq=xq), int8_reference(x, w, xq))
+
+
 def test_int8_path_is_vnni_where_the_cpu_has_it(path, request):
     from test_kernels import CPU_FLAGS
 
@@ -125,16 +156,21 @@ def test_dense_i8_refuses_bad_arguments(k):
     packed, qp = quantize_weight_int8(w)
     out = t(np.zeros((4, 5), np.float32))
     f = k("dense_i8")
+    n = none
     cases = [
-        ((t(x), t(packed.astype(np.float32)), t(qp), none(), none(), 5, 0, 0, 0.0, 0.0, 1.0, out), "w_int8 must be int8"),
-        ((t(x), t(packed[:, :1]), t(qp), none(), none(), 5, 0, 0, 0.0, 0.0, 1.0, out), r"w_int8 must be \[1, 2, 32, 4\]"),
-        ((t(x), t(packed), t(qp[:1]), none(), none(), 5, 0, 0, 0.0, 0.0, 1.0, out), r"w_qparams must be \[2, 32\]"),
-        ((t(x.astype(np.float64)), t(packed), t(qp), none(), none(), 5, 0, 0, 0.0, 0.0, 1.0, out), "x must be float32"),
-        ((t(x), t(packed), t(qp), t(np.ones(3, np.float32)), none(), 5, 0, 0, 0.0, 0.0, 1.0, out), "bias must have N=5"),
-        ((t(x), t(packed), t(qp), none(), none(), 5, 0, 0, 0.0, 0.0, 1.0, t(np.zeros((3, 5), np.float32))), "out dim 0"),
-        ((t(x), t(packed), t(qp), none(), none(), 5, 99, 0, 0.0, 0.0, 1.0, out), "act"),
-        ((t(x), t(packed), t(qp), none(), none(), 5, 0, 0, 0.0, 0.0, out), "expected 12 arguments"),
+        ((t(x), t(packed.astype(np.float32)), t(qp), n(), n(), n(), 5, 0, 0, 0.0, 0.0, 1.0, out), "w_int8 must be int8"),
+        ((t(x), t(packed[:, :1]), t(qp), n(), n(), n(), 5, 0, 0, 0.0, 0.0, 1.0, out), r"w_int8 must be \[1, 2, 32, 4\]"),
+        ((t(x), t(packed), t(qp[:1]), n(), n(), n(), 5, 0, 0, 0.0, 0.0, 1.0, out), r"w_qparams must be \[2, 32\]"),
+        ((t(x.astype(np.float64)), t(packed), t(qp), n(), n(), n(), 5, 0, 0, 0.0, 0.0, 1.0, out), "x must be float32"),
+        ((t(x), t(packed), t(qp), n(), t(np.ones(3, np.float32)), n(), 5, 0, 0, 0.0, 0.0, 1.0, out), "bias must have N=5"),
+        ((t(x), t(packed), t(qp), n(), n(), n(), 5, 0, 0, 0.0, 0.0, 1.0, t(np.zeros((3, 5), np.float32))), "out dim 0"),
+        ((t(x), t(packed), t(qp), n(), n(), n(), 5, 99, 0, 0.0, 0.0, 1.0, out), "act"),
+        ((t(x), t(packed), t(qp), n(), n(), n(), 5, 0, 0, 0.0, 0.0, out), "expected 13 arguments"),
     ]
+    # x_qparams: [] or [scale > 0, integer zero point in 0..255]
+    for bad in ([0.0, 3], [np.nan, 3], [np.inf, 3], [0.1, -1], [0.1, 256], [0.1, 2.5], [0.1, 3, 1], [0.1]):
+        cases.append(((t(x), t(packed), t(qp), t(np.array(bad, np.float32)), n(), n(), 5, 0, 0, 0.0, 0.0, 1.0, out),
+                      r"x_qparams must be \[\] \(dynamic\)"))
     for args, message in cases:
         with pytest.raises((TypeError, ValueError), match=message):
             f(*args)
@@ -231,6 +267,12 @@ def test_int8_on_the_command_line(tmp_path):
                           env={**os.environ, **env_cache})
     assert done.returncode == 0, done.stderr
     assert "accuracy budget: min cosine 0.99 met; kept in fp32: mm2 (MatMul, own error" in done.stdout
+    assert "int8 input ranges: auto; every int8 layer per row at run time" in done.stdout  # no convolution
+    done = subprocess.run([sys.executable, "-m", "accelkit", "compile", str(path), "--precision", "int8",
+                           "--calibration-method", "minmax"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env_cache})
+    assert done.returncode == 0, done.stderr
+    assert "int8 input ranges: minmax; 2 layer(s) calibrated on 4 random batches" in done.stdout
 
 
 # ---- accuracy=: the layer int8 breaks is kept in fp32 ------------------------------------------
@@ -300,12 +342,10 @@ def test_bad_accuracy_budget_is_refused(precision, accuracy, message):
         accelkit.compile(ffn_model(), cache=False, precision=precision, accuracy=accuracy)
 
 
-def test_int8_runs_1x1_convolutions_as_dense_layers_and_the_others_in_the_int8_conv_kernel():
-    """A bottleneck block: 1x1 (the int8 dense kernel over the pixels) -> 3x3 (the int8 conv
-    kernel) -> 1x1 + residual (dense); the 1x1 conv with stride 2 gathers, so the conv kernel."""
+def _bottleneck_model():
+    """A bottleneck block: 1x1 -> relu -> 3x3 -> relu -> 1x1 + x -> relu -> 1x1 stride 2."""
     from onnx import TensorProto, helper, numpy_helper
 
-    import accelkit
     from conftest import make_model
 
     rng = np.random.default_rng(11)
@@ -325,8 +365,16 @@ def test_int8_runs_1x1_convolutions_as_dense_layers_and_the_others_in_the_int8_c
     inits = [w("W1", 24, 32, 1, 1), b("b1", 24), w("W2", 24, 24, 3, 3), b("b2", 24), w("W3", 32, 24, 1, 1),
              b("b3", 32), w("W4", 40, 32, 1, 1), b("b4", 40)]
     F = TensorProto.FLOAT
-    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 32, 10, 10])],
-                       [helper.make_tensor_value_info("y", F, [1, 40, 5, 5])], inits)
+    return make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 32, 10, 10])],
+                      [helper.make_tensor_value_info("y", F, [1, 40, 5, 5])], inits)
+
+
+def test_int8_runs_1x1_convolutions_as_dense_layers_and_the_others_in_the_int8_conv_kernel():
+    """1x1 (the int8 dense kernel over the pixels) -> 3x3 (the int8 conv kernel) -> 1x1 +
+    residual (dense); the 1x1 conv with stride 2 gathers, so the conv kernel."""
+    import accelkit
+
+    proto = _bottleneck_model()
     model = accelkit.compile(proto, cache=False, precision="int8")
     offloaded = model.manifest["offloaded"]
     assert offloaded.get("cpu.conv1x1_i8_bias_relu") == 1 and offloaded.get("cpu.conv1x1_i8_bias_add_pre_relu") == 1
@@ -335,6 +383,100 @@ def test_int8_runs_1x1_convolutions_as_dense_layers_and_the_others_in_the_int8_c
     from accelkit.accuracy import dense_layers
 
     assert [layer["node"] for layer in dense_layers(proto)] == ["reduce", "expand"]
+
+
+# ---- int8 input ranges: dynamic rows, or calibrated per layer -----------------------------------
+
+@pytest.mark.parametrize("method, least_cosine", [("auto", 0.999), ("minmax", 0.999), ("percentile", 0.999),
+                                                  ("entropy", 0.99), ("dynamic", 0.999)])
+def test_calibration_methods_give_each_conv_input_a_range(tmp_path, method, least_cosine):
+    """auto: the convolutions calibrated (percentile); each method's ranges are in the manifest,
+    the build runs them (outputs differ from the dynamic build's), and accuracy holds."""
+    import accelkit
+
+    proto = _bottleneck_model()
+    rng = np.random.default_rng(21)
+    batches = [{"x": rng.standard_normal((1, 32, 10, 10)).astype(np.float32)} for _ in range(3)]
+    model = accelkit.compile(proto, cache=False, precision="int8", calibration=batches, calibration_method=method)
+    c = model.manifest["calibration"]
+    assert c["method"] == method
+    if method == "dynamic":
+        assert c["layers"] == []
+    else:
+        assert c["inputs"] == "calibration" and c["batches"] == 3
+        assert [layer["node"] for layer in c["layers"]] == ["reduce", "spatial", "expand", "down"]
+        for layer in c["layers"]:
+            assert layer["lo"] <= 0 <= layer["hi"] and layer["hi"] > 0
+        # relu outputs are non-negative: their ranges start at 0
+        assert [layer["lo"] == 0 for layer in c["layers"]] == [False, True, True, True]
+    assert model.manifest["accuracy"]["min_cosine"] > least_cosine
+    x = {"x": rng.standard_normal((1, 32, 10, 10)).astype(np.float32)}
+    fp32 = accelkit.compile(proto, cache=False).run(x)[0]
+    dynamic = accelkit.compile(proto, cache=False, precision="int8", calibration=batches,
+                               calibration_method="dynamic").run(x)[0]
+    got = model.run(x)[0]
+    assert _cosine(got, fp32) > least_cosine - 0.01
+    assert (method == "dynamic") == np.array_equal(got, dynamic)
+
+
+def test_activation_ranges_by_method():
+    """minmax keeps the outlier, percentile and entropy clip it; the negative side likewise."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from accelkit.accuracy import activation_ranges
+    from conftest import make_model
+
+    rng = np.random.default_rng(22)
+    F = TensorProto.FLOAT
+    proto = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")],
+                       [helper.make_tensor_value_info("x", F, [256, 64])], [helper.make_tensor_value_info("y", F, [256, 32])],
+                       [numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "W")])
+    x = rng.standard_normal((256, 64)).astype(np.float32)
+    x[3, 4], x[5, 6] = 100.0, -50.0
+    ranges = {m: activation_ranges(proto, [{"x": x}], m)[0] for m in ("minmax", "percentile", "entropy")}
+    assert all(r["node"] == "mm" and r["op"] == "MatMul" and len(r["digests"]) == 2 for r in ranges.values())
+    assert (ranges["minmax"]["lo"], ranges["minmax"]["hi"]) == (-50.0, 100.0)
+    for m in ("percentile", "entropy"):
+        assert 2.0 < ranges[m]["hi"] < 100.0 and -50.0 < ranges[m]["lo"] < -2.0, (m, ranges[m])
+    # the percentile method keeps PERCENTILE% of each side in range
+    from accelkit.accuracy import PERCENTILE
+
+    p = ranges["percentile"]
+    assert np.mean(x[x > 0] <= p["hi"]) >= PERCENTILE / 100 - 1e-3
+    assert np.mean(x[x < 0] >= p["lo"]) >= PERCENTILE / 100 - 1e-3
+    with pytest.raises(accelkit_option_error(), match="calibration method 'kl'"):
+        activation_ranges(proto, [{"x": x}], "kl")
+
+
+def accelkit_option_error():
+    import accelkit
+
+    return accelkit.OptionError
+
+
+def test_calibration_method_is_in_the_cache_key(tmp_path, monkeypatch):
+    import accelkit
+
+    monkeypatch.setenv("ACCELKIT_CACHE_DIR", str(tmp_path / "cache"))
+    proto = _bottleneck_model()
+    first = accelkit.compile(proto, precision="int8", calibration_method="minmax")
+    assert first.cache_status == "miss"
+    assert accelkit.compile(proto, precision="int8", calibration_method="minmax").cache_status == "hit"
+    other = accelkit.compile(proto, precision="int8", calibration_method="percentile")
+    assert other.cache_status == "miss" and other.manifest["calibration"]["method"] == "percentile"
+    assert accelkit.compile(proto, precision="int8").cache_status == "miss"  # auto
+
+
+@pytest.mark.parametrize("precision, method, message", [
+    ("int8", "kl", "unknown calibration_method 'kl'; choose one of auto, dynamic, minmax, percentile, entropy"),
+    ("fp32", "minmax", "calibration_method= sets int8 activation ranges; precision is 'fp32'"),
+    ("bf16", "minmax", "calibration_method= sets int8 activation ranges; precision is 'bf16'"),
+])
+def test_bad_calibration_method_is_refused(precision, method, message):
+    import accelkit
+
+    with pytest.raises(accelkit.OptionError, match=message):
+        accelkit.compile(ffn_model(), cache=False, precision=precision, calibration_method=method)
 
 
 def _windows_nhwc(x, kh, kw, stride, pads, dil):
@@ -358,8 +500,11 @@ def _windows_nhwc(x, kh, kw, stride, pads, dil):
     (1, 8, 10, 10, 16, 3, (1, 1), (2, 2, 2, 2), (2, 2)),   # dilated
 ])
 @pytest.mark.parametrize("act,res", [(None, 0), ("relu", 1)])
-def test_conv2d_nhwc_i8_matches_the_quantized_reference(k, path, case, act, res):
-    from accelkit.backends.cpu import quantize_conv_weight_int8
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "calibrated"])
+def test_conv2d_nhwc_i8_matches_the_quantized_reference(k, path, case, act, res, static):
+    """Dynamic: each window on its own grid. Calibrated: the image quantized once on one grid
+    (a range narrower than the data, so some values saturate), padding = the zero point."""
+    from accelkit.backends.cpu import activation_qparams, quantize_conv_weight_int8
 
     n, c, h, wd, cout, ks, stride, pads, dil = case
     rng = np.random.default_rng(12)
@@ -368,15 +513,17 @@ def test_conv2d_nhwc_i8_matches_the_quantized_reference(k, path, case, act, res)
     b = rng.standard_normal(cout).astype(np.float32)
     rows, (n_, oh, ow) = _windows_nhwc(x, ks, ks, stride, pads, dil)
     flat = w.transpose(2, 3, 1, 0).reshape(-1, cout)
-    want = int8_reference(rows, flat) + b
+    xq = activation_qparams(-1.5, 2.5) if static else None
+    want = int8_reference(rows, flat, xq) + b
     r = rng.standard_normal((n, oh, ow, cout)).astype(np.float32)
     want = with_epilogue(want, r.reshape(-1, cout), act, res).reshape(n, oh, ow, cout)
     packed, qp = quantize_conv_weight_int8(w)
     out = t(np.zeros((n, oh, ow, cout), np.float32))
-    k("conv2d_nhwc_i8")(t(x), t(packed), t(qp), t(b), t(r) if res else none(), ks, ks, *stride, pads[0], pads[1],
-                        *dil, ACT_CODES[act], res, 0.0, 0.0, 1.0, out)
+    k("conv2d_nhwc_i8")(t(x), t(packed), t(qp), t(xq) if static else none(), t(b), t(r) if res else none(), ks, ks,
+                        *stride, pads[0], pads[1], *dil, ACT_CODES[act], res, 0.0, 0.0, 1.0, out)
     close(out.numpy(), want)
-    exact = with_epilogue(rows.astype(np.float64) @ flat + b, r.reshape(-1, cout), act, res).reshape(want.shape)
+    seen = np.clip(rows, -1.5, 2.5) if static else rows  # what the calibrated grid holds
+    exact = with_epilogue(seen.astype(np.float64) @ flat + b, r.reshape(-1, cout), act, res).reshape(want.shape)
     assert np.linalg.norm(out.numpy() - exact) / np.linalg.norm(exact) < 0.02
 
 
@@ -387,9 +534,14 @@ def test_conv2d_nhwc_i8_refuses_bad_weights(k):
     packed, qp = quantize_conv_weight_int8(np.ones((8, 4, 3, 3), np.float32))
     out = t(np.zeros((1, 5, 5, 8), np.float32))
     with pytest.raises(ValueError, match=r"w_int8 must be \[1, 1, 32, 4\] for a 1x1 window over 4 channels and 8 outputs \(got \[1, 9, 32, 4\]\)"):
-        k("conv2d_nhwc_i8")(x, t(packed), t(qp), none(), none(), 1, 1, 1, 1, 0, 0, 1, 1, 0, 0, 0.0, 0.0, 1.0, out)
+        k("conv2d_nhwc_i8")(x, t(packed), t(qp), none(), none(), none(), 1, 1, 1, 1, 0, 0, 1, 1, 0, 0, 0.0, 0.0, 1.0,
+                            out)
     with pytest.raises(ValueError, match="stride_h=0 is out of range"):
-        k("conv2d_nhwc_i8")(x, t(packed), t(qp), none(), none(), 3, 3, 0, 1, 1, 1, 1, 1, 0, 0, 0.0, 0.0, 1.0, out)
+        k("conv2d_nhwc_i8")(x, t(packed), t(qp), none(), none(), none(), 3, 3, 0, 1, 1, 1, 1, 1, 0, 0, 0.0, 0.0, 1.0,
+                            out)
+    with pytest.raises(ValueError, match=r"x_qparams must be \[\] \(dynamic\) or \[scale > 0, zero point in 0..255\]"):
+        k("conv2d_nhwc_i8")(x, t(packed), t(qp), t(np.array([0.1, 300], np.float32)), none(), none(), 3, 3, 1, 1, 1,
+                            1, 1, 1, 0, 0, 0.0, 0.0, 1.0, out)
 
 
 def test_int8_leaves_the_layers_it_does_not_pay_for_in_fp32():

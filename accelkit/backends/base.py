@@ -68,6 +68,12 @@ class CompileOptions:
     # dense layers kept in fp32 in a reduced-precision build (accelkit.accuracy.weight_digest of
     # their weights): what compile(accuracy=) chose
     keep_fp32: frozenset = frozenset()
+    # int8 layers' calibrated input ranges: ((weight digest, lo, hi), ...), from
+    # accelkit.accuracy.activation_ranges; a layer not listed quantizes each row with its own range
+    act_ranges: tuple = ()
+    # how int8 layers get input ranges ("dynamic", "auto", "minmax", "percentile", "entropy"):
+    # compile fills act_ranges from it (the cache key holds it, and the calibration digest)
+    calibration_method: str = "dynamic"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,6 +63,18 @@ def quantize_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(w / scale.astype(np.float64)), -127, 127).astype(np.int8), scale
 
 
+def activation_qparams(lo: float, hi: float) -> np.ndarray:
+    """A calibrated input range [lo, hi] -> the int8 kernels' x_qparams [scale, zero point]: the
+    asymmetric u8 grid of the kernels' dynamic rows (the range widened to hold 0, which maps to
+    the zero point exactly)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = np.float32((hi - lo) / 255.0)
+    if not (scale > 0 and np.isfinite(scale)):
+        scale = np.float32(1.0)
+    zp = float(np.clip(np.rint(-lo / float(scale)), 0, 255))
+    return np.array([scale, zp], np.float32)
+
+
 def quantize_weight_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """W[K, N] -> (wq int8 [P, ceil(K/4), NR, 4], qparams float32 [2, P*NR]), the int8 dense
     kernel's layout: `quantize_per_channel`, 4 consecutive k of a column side by side (one VNNI
@@ -351,17 +363,30 @@ def _kept(weight: np.ndarray, keep: frozenset) -> bool:
     return weight_digest(weight) in keep
 
 
-def _dense_args_int8(x, w, core, keep: frozenset = frozenset()):
+def _int8_layer(x, weight: np.ndarray, keep: frozenset, ranges) -> list | None:
+    """[x, packed weight, weight qparams, x_qparams] for the int8 kernels, or None when
+    compile(accuracy=) keeps the layer in fp32. `weight` is the layer's [K, N]; `ranges` maps
+    weight digests to calibrated input ranges (accelkit.accuracy.activation_ranges): a layer
+    found there quantizes its input with that one range, the others each row's own."""
     from tvm import relax
 
+    from accelkit.accuracy import weight_digest
+
+    digest = weight_digest(weight) if keep or ranges else None
+    if keep and digest in keep:
+        return None
+    packed, qparams = quantize_weight_int8(weight)
+    found = ranges.get(digest) if ranges else None
+    xq = relax.const(activation_qparams(*found)) if found is not None else _empty()
+    return [x, relax.const(packed), relax.const(qparams), xq]
+
+
+def _dense_args_int8(x, w, core, keep: frozenset = frozenset(), ranges=None):
     xs, ws = _f32(x, range(2, 9)), _f32(w, (2,))
     if xs is None or ws is None or xs[-1] != ws[0] or ws[0] * 127 >= 1 << 24 or not _int8_pays(*ws):
         return None
-    weight = _const_value(w).astype(np.float32)
-    if _kept(weight, keep):
-        return None
-    packed, qparams = quantize_weight_int8(weight)
-    return [x, relax.const(packed), relax.const(qparams)], (ws[1],)
+    tensors = _int8_layer(x, _const_value(w).astype(np.float32), keep, ranges)
+    return (tensors, (ws[1],)) if tensors is not None else None
 
 
 def _dense_args_w16(x, w, core, fmt: str, keep: frozenset = frozenset()):
@@ -447,11 +472,9 @@ def _conv2d_nhwc_args(x, w, conv, winograd: bool = True):
 
 
 
-def _conv1x1_nhwc_args_int8(x, w, conv, keep: frozenset = frozenset()):
+def _conv1x1_nhwc_args_int8(x, w, conv, keep: frozenset = frozenset(), ranges=None):
     """A 1x1, stride-1, unpadded channels-last conv is a dense layer over the pixels:
     x[N, H, W, C] @ W[C, Cout], so it runs the int8 dense kernel as it is."""
-    from tvm import relax
-
     call = _conv_call(x, w, conv, "NHWC")
     if call is None:
         return None
@@ -460,50 +483,49 @@ def _conv1x1_nhwc_args_int8(x, w, conv, keep: frozenset = frozenset()):
             or ws[1] * 127 >= 1 << 24 or not _int8_pays(ws[1], ws[0])):
         return None
     weight = np.ascontiguousarray(_const_value(w).astype(np.float32)[:, :, 0, 0].T)  # [C, Cout]
-    if _kept(weight, keep):
-        return None
-    packed, qparams = quantize_weight_int8(weight)
-    return [x, relax.const(packed), relax.const(qparams)], (ws[0],)
+    tensors = _int8_layer(x, weight, keep, ranges)
+    return (tensors, (ws[0],)) if tensors is not None else None
+
+
+def conv_weight_matrix(w: np.ndarray) -> np.ndarray:
+    """OIHW [Cout, C, KH, KW] -> W[K, Cout] over K = (ky, kx, c), the order of the channels-last
+    conv's gathered windows (for a 1x1 conv: W[C, Cout], the dense layer's)."""
+    cout = w.shape[0]
+    return np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(-1, cout))
 
 
 def quantize_conv_weight_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """OIHW [Cout, C, KH, KW] -> the int8 kernels' packed weights over K = (ky, kx, c), the order
-    of the channels-last conv's gathered windows (quantize_weight_int8 of W[K, Cout])."""
-    cout, c, kh, kw = w.shape
-    return quantize_weight_int8(np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(kh * kw * c, cout)))
+    """OIHW [Cout, C, KH, KW] -> the int8 kernels' packed weights over K = (ky, kx, c)
+    (quantize_weight_int8 of conv_weight_matrix)."""
+    return quantize_weight_int8(conv_weight_matrix(w))
 
 
-def _conv_nhwc_args_int8(x, w, conv, keep: frozenset = frozenset()):
-    from tvm import relax
-
+def _conv_nhwc_args_int8(x, w, conv, keep: frozenset = frozenset(), ranges=None):
     call = _conv_call(x, w, conv, "NHWC")
     if call is None:
         return None
     xs, ws, out, (groups, sh, sw, pt, pl, dh, dw) = call
     if groups != 1 or ws[1] * ws[2] * ws[3] * 127 >= 1 << 24 or not _int8_pays(ws[1] * ws[2] * ws[3], ws[0]):
         return None  # grouped/depthwise convolutions, and those int8 does not pay for, stay fp32
-    weight = _const_value(w).astype(np.float32)
-    flat = np.ascontiguousarray(weight.transpose(2, 3, 1, 0).reshape(-1, ws[0]))
-    if _kept(flat, keep):
-        return None
-    packed, qparams = quantize_conv_weight_int8(weight)
-    return [x, relax.const(packed), relax.const(qparams)], (ws[2], ws[3], sh, sw, pt, pl, dh, dw)
+    tensors = _int8_layer(x, conv_weight_matrix(_const_value(w).astype(np.float32)), keep, ranges)
+    return (tensors, (ws[2], ws[3], sh, sw, pt, pl, dh, dw)) if tensors is not None else None
 
 
 def conv_int8_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.conv2d_nhwc_i8",
-                       keep: frozenset = frozenset()) -> list[KernelPattern]:
+                       keep: frozenset = frozenset(), ranges=None) -> list[KernelPattern]:
     """Any other ungrouped channels-last conv2d with its epilogue -> the int8 conv kernel: each
-    output pixel's window quantized to u8 as it is gathered, s8 weights per output channel."""
+    output pixel's window quantized to u8 as it is gathered (or, with a calibrated range, the
+    input image once), s8 weights per output channel."""
     return _fused_patterns(prefix, "conv2d_nhwc_i8", kernel, "relax.nn.conv2d", -1,
-                           functools.partial(_conv_nhwc_args_int8, keep=keep))
+                           functools.partial(_conv_nhwc_args_int8, keep=keep, ranges=ranges))
 
 
 def conv1x1_int8_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.dense_i8",
-                          keep: frozenset = frozenset()) -> list[KernelPattern]:
+                          keep: frozenset = frozenset(), ranges=None) -> list[KernelPattern]:
     """1x1 stride-1 channels-last conv2d with its epilogue -> the int8 dense kernel (per-pixel
     u8 activations, per-output-channel s8 weights). Other convolutions stay fp32."""
     return _fused_patterns(prefix, "conv1x1_i8", kernel, "relax.nn.conv2d", -1,
-                           functools.partial(_conv1x1_nhwc_args_int8, keep=keep))
+                           functools.partial(_conv1x1_nhwc_args_int8, keep=keep, ranges=ranges))
 
 
 def conv2d_nhwc_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.conv2d_nhwc",
@@ -588,12 +610,12 @@ def dense_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.dense") -> l
 
 
 def dense_int8_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.dense_i8",
-                        keep: frozenset = frozenset()) -> list[KernelPattern]:
+                        keep: frozenset = frozenset(), ranges=None) -> list[KernelPattern]:
     """matmul(x[..., K], const W[K, N]) with its epilogue -> the int8 dense kernel: W quantized
     per output channel at compile time, x's rows quantized when it runs. Layers whose weight
     digest is in `keep` are refused (the fp32 patterns after these take them)."""
     return _fused_patterns(prefix, "dense_i8", kernel, "relax.matmul", -1,
-                           functools.partial(_dense_args_int8, keep=keep))
+                           functools.partial(_dense_args_int8, keep=keep, ranges=ranges))
 
 
 def dense_w16_patterns(fmt: str, prefix: str = "cpu", kernel: str = "accelkit.cpu.dense_w16",
@@ -742,11 +764,13 @@ class CPUBackend(TVMBackend):
     def target(self, options: CompileOptions):
         return host_target()
 
-    def patterns(self, winograd: bool = True, precision: str = "fp32", keep: frozenset = frozenset()):
+    def patterns(self, winograd: bool = True, precision: str = "fp32", keep: frozenset = frozenset(),
+                 ranges=None):
         convs = conv2d_nhwc_patterns(winograd=winograd) + conv2d_patterns()
         if precision == "int8":  # the fp32 ones take the layers kept in fp32 or too small
-            dense = dense_int8_patterns(keep=keep) + dense_patterns()
-            convs = conv1x1_int8_patterns(keep=keep) + conv_int8_patterns(keep=keep) + convs
+            dense = dense_int8_patterns(keep=keep, ranges=ranges) + dense_patterns()
+            convs = (conv1x1_int8_patterns(keep=keep, ranges=ranges) + conv_int8_patterns(keep=keep, ranges=ranges)
+                     + convs)
         elif precision in W16_FORMATS and _w16_pays():
             dense = dense_w16_patterns(precision, keep=keep) + dense_patterns()
         else:
@@ -755,7 +779,8 @@ class CPUBackend(TVMBackend):
 
     def patterns_for(self, options: CompileOptions):
         return self.patterns(winograd=_choice(options, "winograd", WINOGRAD) == "auto",
-                             precision=options.precision, keep=options.keep_fp32)
+                             precision=options.precision, keep=options.keep_fp32,
+                             ranges={d: (lo, hi) for d, lo, hi in options.act_ranges})
 
     def prepare(self, mod, options: CompileOptions):
         _choice(options, "winograd", WINOGRAD)  # refused before the long part, not after it

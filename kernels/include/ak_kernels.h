@@ -143,22 +143,29 @@ void ak_softmax_f32(const float* x, float* out, int64_t rows, int64_t D, int thr
  * quantized and packed at compile time as wq[P][K4][AK_NR][4] (K4 = ceil(K/4); 4 consecutive k
  * per column: one VNNI dot product), with qp[2][P*AK_NR] = {w_scale, sum over k of wq} (the sums
  * as exact float integers). dequant(acc) = a_scale * w_scale[n] * (acc - zp * wsum[n]).
+ * xq: NULL (each row's own scale and zero point, as above), or a static range calibrated at
+ * compile time, xq = {a_scale, zp} for every row: one quantizing pass, no min/max pass.
  * Returns 0, or -1 when the scratch memory could not be allocated. */
 int ak_dense_u8s8_f32(const float* x, int64_t M, int64_t K, const int8_t* wq, const float* qp,
-                      int64_t N, const float* bias, const float* res, float* out, ak_epilogue epi,
-                      ak_tuning tune);
+                      const float* xq, int64_t N, const float* bias, const float* res, float* out,
+                      ak_epilogue epi, ak_tuning tune);
 /* int8 channels-last convolution (groups 1): the conv GEMM of ak_conv2d_nhwc_f32 over gathered
- * windows, each window (output pixel) quantized to u8 like a dense row, weights wq/qp packed as
- * for the dense kernel over K = (ky, kx, c). */
-void ak_conv2d_nhwc_u8s8_f32(const float* x, const int8_t* wq, const float* qp, const float* bias,
-                             const float* res, float* out, int64_t n, const ak_conv_geom* g,
-                             int64_t cout, ak_epilogue epi, ak_tuning tune);
+ * windows, weights wq/qp packed as for the dense kernel over K = (ky, kx, c). xq NULL: each
+ * window (output pixel) quantized to u8 like a dense row; xq = {a_scale, zp} (calibrated): the
+ * input image quantized once, u8 windows gathered from it (padding = zp, the u8 of 0.0).
+ * Returns 0, or -1 when the scratch memory could not be allocated. */
+int ak_conv2d_nhwc_u8s8_f32(const float* x, const int8_t* wq, const float* qp, const float* xq,
+                            const float* bias, const float* res, float* out, int64_t n,
+                            const ak_conv_geom* g, int64_t cout, ak_epilogue epi, ak_tuning tune);
 /* The int8 path the CPU runs: "vnni" (AVX512-VNNI) or "portable". */
 const char* ak_int8_path(void);
 /* Internal: one path's int8 pieces. quant_rows quantizes rows of x[rows][K] into q (row
- * stride ldq bytes, zero padded to ldq), ukr computes mr (<= AK_MR) rows x one panel. */
+ * stride ldq bytes, zero padded to ldq) with each row's own range, quant_fixed with one given
+ * range (inv = 1 / scale, zero point z), ukr computes mr (<= AK_MR) rows x one panel. */
 typedef void (*ak_quant_rows_fn)(const float* x, int64_t rows, int64_t K, uint8_t* q, int64_t ldq,
                                  float* scale, int32_t* zp);
+typedef void (*ak_quant_fixed_fn)(const float* x, int64_t rows, int64_t K, uint8_t* q, int64_t ldq,
+                                  float inv, int32_t z);
 typedef void (*ak_ukr_i8_fn)(int mr, int64_t K4, const uint8_t* a, int64_t lda, const int8_t* bp,
                              float* c, int64_t ldc, int nv, const float* a_scale,
                              const int32_t* a_zp, const float* w_scale, const float* w_sum,
@@ -166,12 +173,15 @@ typedef void (*ak_ukr_i8_fn)(int mr, int64_t K4, const uint8_t* a, int64_t lda, 
                              const ak_epilogue* epi);
 void ak_quant_rows_avx512(const float* x, int64_t rows, int64_t K, uint8_t* q, int64_t ldq,
                           float* scale, int32_t* zp);
+void ak_quant_fixed_avx512(const float* x, int64_t rows, int64_t K, uint8_t* q, int64_t ldq,
+                           float inv, int32_t z);
 void ak_ukr_i8_vnni(int mr, int64_t K4, const uint8_t* a, int64_t lda, const int8_t* bp, float* c,
                     int64_t ldc, int nv, const float* a_scale, const int32_t* a_zp,
                     const float* w_scale, const float* w_sum, const float* bias, const float* res,
                     int64_t ldr, const ak_epilogue* epi);
 typedef struct {
   ak_quant_rows_fn quant_rows;
+  ak_quant_fixed_fn quant_fixed;
   ak_ukr_i8_fn ukr;
 } ak_int8_table;
 /* The int8 pieces of the path the CPU runs (the VNNI ones, or the portable reference). */

@@ -528,6 +528,26 @@ AK_VNNI void ak_quant_rows_avx512(const float* x, int64_t rows, int64_t K, uint8
   }
 }
 
+AK_VNNI void ak_quant_fixed_avx512(const float* x, int64_t rows, int64_t K, uint8_t* q, int64_t ldq,
+                                   float inv, int32_t z) {
+  /* values outside the calibrated range saturate; the float clamp first keeps huge ones (and
+   * NaN, which _mm512_max_ps replaces by its second operand) out of the int32 conversion */
+  const __m512 vinv = _mm512_set1_ps(inv), flo = _mm512_set1_ps(-256.f), fhi = _mm512_set1_ps(256.f);
+  const __m512i vz = _mm512_set1_epi32(z), v0 = _mm512_setzero_si512(), v255 = _mm512_set1_epi32(255);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * K;
+    uint8_t* qr = q + r * ldq;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 m = tail_mask(K - k);
+      const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + k), vinv), flo), fhi);
+      __m512i iv = _mm512_add_epi32(_mm512_cvtps_epi32(v), vz);
+      iv = _mm512_min_epi32(_mm512_max_epi32(iv, v0), v255);
+      _mm_mask_storeu_epi8(qr + k, m, _mm512_cvtepi32_epi8(iv));
+    }
+    for (int64_t k = K; k < ldq; ++k) qr[k] = 0;
+  }
+}
+
 AK_VNNI AK_INLINE void ukr_i8_body(const int MR, const int HALF, int64_t K4, const uint8_t* a,
                                    int64_t lda, const int8_t* bp, float* c, int64_t ldc, int nv,
                                    const float* a_scale, const int32_t* a_zp,

@@ -1,5 +1,6 @@
-/* int8 dense: rows of x quantized to u8 at run time, per-channel s8 weights packed at compile
- * time, int32 sums (AVX512-VNNI vpdpbusd, or portable C), dequantized into the fp32 epilogue. */
+/* int8 dense: rows of x quantized to u8 at run time (each row's own range, or one range calibrated
+ * at compile time), per-channel s8 weights packed at compile time, int32 sums (AVX512-VNNI
+ * vpdpbusd, or portable C), dequantized into the fp32 epilogue. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,6 +16,8 @@ const char* ak_int8_path(void) { return ak_has_vnni() ? "vnni" : "portable"; }
 
 static void quant_rows_portable(const float* x, int64_t rows, int64_t K, uint8_t* q, int64_t ldq,
                                 float* scale, int32_t* zp);
+static void quant_fixed_portable(const float* x, int64_t rows, int64_t K, uint8_t* q, int64_t ldq,
+                                 float inv, int32_t z);
 static void ukr_i8_portable(int mr, int64_t K4, const uint8_t* a, int64_t lda, const int8_t* bp,
                             float* c, int64_t ldc, int nv, const float* a_scale,
                             const int32_t* a_zp, const float* w_scale, const float* w_sum,
@@ -22,8 +25,8 @@ static void ukr_i8_portable(int mr, int64_t K4, const uint8_t* a, int64_t lda, c
                             const ak_epilogue* epi);
 
 const ak_int8_table* ak_int8(void) {
-  static const ak_int8_table vnni = {ak_quant_rows_avx512, ak_ukr_i8_vnni};
-  static const ak_int8_table portable = {quant_rows_portable, ukr_i8_portable};
+  static const ak_int8_table vnni = {ak_quant_rows_avx512, ak_quant_fixed_avx512, ak_ukr_i8_vnni};
+  static const ak_int8_table portable = {quant_rows_portable, quant_fixed_portable, ukr_i8_portable};
   return ak_has_vnni() ? &vnni : &portable;
 }
 
@@ -50,6 +53,21 @@ static void quant_rows_portable(const float* x, int64_t rows, int64_t K, uint8_t
       float v = nearbyintf(xr[k] * inv) + (float)z;
       v = v > 0.f ? (v > 255.f ? 255.f : v) : 0.f; /* NaN -> 0, as the vector path */
       qr[k] = (uint8_t)v;
+    }
+    for (int64_t k = K; k < ldq; ++k) qr[k] = 0;
+  }
+}
+
+static void quant_fixed_portable(const float* x, int64_t rows, int64_t K, uint8_t* q, int64_t ldq,
+                                 float inv, int32_t z) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * K;
+    uint8_t* qr = q + r * ldq;
+    for (int64_t k = 0; k < K; ++k) {
+      float v = xr[k] * inv;
+      v = v > -256.f ? (v < 256.f ? v : 256.f) : -256.f; /* NaN -> -256 -> 0, as the vector path */
+      v = nearbyintf(v) + (float)z;
+      qr[k] = (uint8_t)(v > 0.f ? (v > 255.f ? 255.f : v) : 0.f);
     }
     for (int64_t k = K; k < ldq; ++k) qr[k] = 0;
   }
@@ -87,13 +105,23 @@ typedef struct {
   uint8_t* q;
   float* scale;
   int32_t* zp;
-  ak_quant_rows_fn quant;
+  const float* xq; /* NULL: each row's range; else {scale, zero point} for all */
+  const ak_int8_table* i8;
 } ak_quant_job;
 
 static void quant_range(int64_t begin, int64_t end, void* ctx) {
   const ak_quant_job* j = (const ak_quant_job*)ctx;
-  j->quant(j->x + begin * j->K, end - begin, j->K, j->q + begin * j->ldq, j->ldq, j->scale + begin,
-           j->zp + begin);
+  if (!j->xq) {
+    j->i8->quant_rows(j->x + begin * j->K, end - begin, j->K, j->q + begin * j->ldq, j->ldq,
+                      j->scale + begin, j->zp + begin);
+    return;
+  }
+  j->i8->quant_fixed(j->x + begin * j->K, end - begin, j->K, j->q + begin * j->ldq, j->ldq,
+                     1.f / j->xq[0], (int32_t)j->xq[1]);
+  for (int64_t r = begin; r < end; ++r) {
+    j->scale[r] = j->xq[0];
+    j->zp[r] = (int32_t)j->xq[1];
+  }
 }
 
 typedef struct {
@@ -128,8 +156,8 @@ static void i8_range(int64_t begin, int64_t end, void* ctx) {
 }
 
 int ak_dense_u8s8_f32(const float* x, int64_t M, int64_t K, const int8_t* wq, const float* qp,
-                      int64_t N, const float* bias, const float* res, float* out, ak_epilogue epi,
-                      ak_tuning tune) {
+                      const float* xq, int64_t N, const float* bias, const float* res, float* out,
+                      ak_epilogue epi, ak_tuning tune) {
   if (M <= 0 || N <= 0) return 0;
   const ak_int8_table* i8 = ak_int8();
   const int64_t K4 = (K + 3) / 4, ldq = K4 * 4, P = (N + AK_NR - 1) / AK_NR;
@@ -141,7 +169,7 @@ int ak_dense_u8s8_f32(const float* x, int64_t M, int64_t K, const int8_t* wq, co
   int32_t* a_zp = (int32_t*)(mem + qbytes + rbytes);
   const int pool = ak_num_threads();
   const int threads = tune.threads > 0 && tune.threads < pool ? tune.threads : pool;
-  ak_quant_job qj = {x, K, ldq, mem, a_scale, a_zp, i8->quant_rows};
+  ak_quant_job qj = {x, K, ldq, mem, a_scale, a_zp, xq, i8};
   ak_parallel_range_n(quant_range, &qj, M, M * K >= 16384 ? threads : 1);
   ak_i8_job j;
   memset(&j, 0, sizeof(j));
