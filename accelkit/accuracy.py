@@ -196,21 +196,42 @@ def _int8_product_error(a, w) -> float:
     return float(np.linalg.norm(qa.astype(np.float64) @ qw - exact) / max(np.linalg.norm(exact), 1e-30))
 
 
+def _intermediates(proto, batches: Sequence[Mapping[str, Any]], what: str):
+    """Every tensor of the model on each batch (onnx's reference evaluator), one dict per batch;
+    [] with a warning when the evaluator cannot run the model. A pre-quantized model is
+    evaluated with its activation Quantize/Dequantize pairs as Clips (frontend.qdq): the
+    evaluator has no Quantize/DequantizeLinear before opset 19, where exporters write 13-17."""
+    import logging
+
+    from onnx.reference import ReferenceEvaluator
+
+    from accelkit.frontend import qdq
+
+    if qdq.has_qdq(proto):
+        proto = qdq.activation_ranges(proto)[0]
+    try:
+        evaluator = ReferenceEvaluator(proto)
+        for feeds in batches:
+            yield evaluator.run(None, dict(feeds), intermediate=True)
+    except Exception as exc:  # noqa: BLE001 - an op the evaluator lacks: say so, do without
+        logging.getLogger("accelkit").warning(
+            "%s: onnx's reference evaluator cannot run this model (%s: %s); %s", what, type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "", "skipped")
+        return
+
+
 def layer_errors(proto, batches: Sequence[Mapping[str, Any]], precision: str) -> list[dict[str, Any]]:
     """Each dense layer's own quantization error on the batches (onnx's reference evaluator
     gives every layer's input), worst first. bf16/fp16 layers: the weights' rounding error."""
     import numpy as np
-    from onnx.reference import ReferenceEvaluator
 
     from accelkit.backends.cpu import from_16bit, to_16bit
 
     layers = dense_layers(proto)
     if not layers:
         return []
-    evaluator = ReferenceEvaluator(proto)
     errors = {layer["node"]: 0.0 for layer in layers}
-    for feeds in batches:
-        values = evaluator.run(None, dict(feeds), intermediate=True)
+    for values in _intermediates(proto, batches, "ranking the layers for accuracy="):
         for layer in layers:
             a = values.get(layer["input"])
             if a is None:
@@ -274,20 +295,17 @@ def activation_ranges(proto, batches: Sequence[Mapping[str, Any]], method: str,
       Kullback-Leibler divergence (TensorRT's calibration), on |x|.
     Returns [{"node", "op", "input", "lo", "hi", "digests"}] in graph order."""
     import numpy as np
-    from onnx.reference import ReferenceEvaluator
 
     if method not in ("minmax", "percentile", "entropy"):
         raise OptionError(f"calibration method {method!r}: choose minmax, percentile or entropy")
     layers = int8_layers(proto, ops)
     if not layers or not batches:
         return []
-    evaluator = ReferenceEvaluator(proto)
     rng = np.random.default_rng(0)
     lo = {layer["input"]: np.inf for layer in layers}
     hi = {layer["input"]: -np.inf for layer in layers}
     samples: dict[str, list] = {name: [] for name in lo}
-    for feeds in batches:
-        values = evaluator.run(None, dict(feeds), intermediate=True)
+    for values in _intermediates(proto, batches, "int8 calibration (those layers quantize each row at run time)"):
         for name in lo:
             a = values.get(name)
             if a is None:

@@ -189,9 +189,13 @@ def _print_summary(m):
     _print_pruning(m)
     c = m.get("calibration")
     if c:
+        qdq = sum(layer.get("source") == "qdq" for layer in c["layers"])
+        parts = ([f"{qdq} from the model's QDQ pairs"] if qdq else []) + (
+            [f"{len(c['layers']) - qdq} calibrated on {c['batches']} {c['inputs']} batches"]
+            if len(c["layers"]) > qdq else [])
         print(f"  int8 input ranges: {c['method']}; "
-              + (f"{len(c['layers'])} layer(s) calibrated on {c['batches']} {c['inputs']} batches, "
-                 f"the other int8 layers per row at run time" if c["layers"] else "every int8 layer per row at run time"))
+              + (f"{', '.join(parts)}; the other int8 layers per row at run time" if parts
+                 else "every int8 layer per row at run time"))
     if m.get("accuracy"):
         a = m["accuracy"]
         print(f"  accuracy vs {a['reference']} ({a['batches']} {a['inputs']} batches): "

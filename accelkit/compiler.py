@@ -1,6 +1,7 @@
 """accelkit.compile: validate options, run the frontend, let the backend build, wrap the result."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import shutil
@@ -330,9 +331,15 @@ def _build(model, input_shapes, be, compile_options, *, status: str, accuracy: _
     from accelkit.model import CompiledModel
 
     graph = frontend.prepare(model, input_shapes)
-    calibrated = None
-    if compile_options.precision == "int8" and compile_options.calibration_method != "dynamic":
-        compile_options, calibrated = _calibrate(graph, compile_options, accuracy)
+    calibrated, qdq = None, {}
+    if compile_options.precision == "int8":
+        from accelkit.frontend import qdq as qdq_mod
+
+        if qdq_mod.has_qdq(graph.proto):  # a pre-quantized model: its own ranges, its own grid
+            proto, qdq = qdq_mod.activation_ranges(graph.proto)
+            graph = dataclasses.replace(graph, proto=proto)
+        if compile_options.calibration_method != "dynamic" or qdq:
+            compile_options, calibrated = _calibrate(graph, compile_options, accuracy, qdq)
     out_dir = tempfile.mkdtemp(prefix="accelkit-build-")
     try:
         entries = be.compile(graph, compile_options, out_dir)
@@ -368,24 +375,33 @@ def _build(model, input_shapes, be, compile_options, *, status: str, accuracy: _
     return compiled
 
 
-def _calibrate(graph, compile_options, accuracy: _Accuracy | None):
-    """The int8 layers' input ranges (accelkit.accuracy.activation_ranges) on the calibration
-    batches, or random ones -> (compile options holding them, the manifest's "calibration")."""
-    import dataclasses
-
+def _calibrate(graph, compile_options, accuracy: _Accuracy | None, qdq: dict):
+    """The int8 layers' input ranges -> (compile options holding them, the manifest's
+    "calibration"): a pre-quantized model's own (`qdq`: tensor -> range, frontend.qdq), then
+    for the other layers accelkit.accuracy.activation_ranges on the calibration batches, or on
+    random ones."""
     from accelkit import accuracy as acc
     from accelkit.guards import index_bounds
 
     method = compile_options.calibration_method
-    batches = accuracy.batches(graph.inputs) if accuracy is not None else None
-    source = "calibration" if batches else "random"
-    if not batches:
-        batches = acc.random_batches(inputs=graph.inputs, index_bounds=index_bounds(graph.proto))
+    layers = [{"node": layer["node"], "op": layer["op"], "lo": qdq[layer["input"]][0], "hi": qdq[layer["input"]][1],
+               "digests": sorted(layer["digests"]), "source": "qdq"}
+              for layer in acc.int8_layers(graph.proto) if layer["input"] in qdq]
+    report = {"method": method, "inputs": None, "batches": 0}
     ops = ("Conv",) if method == "auto" else ("MatMul", "Gemm", "Conv")
-    ranges = acc.activation_ranges(graph.proto, batches, "percentile" if method == "auto" else method, ops)
-    table = tuple((d, r["lo"], r["hi"]) for r in ranges for d in r["digests"])
-    report = {"method": method, "inputs": source, "batches": len(batches),
-              "layers": [{"node": r["node"], "op": r["op"], "lo": r["lo"], "hi": r["hi"]} for r in ranges]}
+    done = {layer["node"] for layer in layers}
+    if method != "dynamic" and any(layer["node"] not in done for layer in acc.int8_layers(graph.proto, ops)):
+        batches = accuracy.batches(graph.inputs) if accuracy is not None else None
+        report["inputs"] = "calibration" if batches else "random"
+        if not batches:
+            batches = acc.random_batches(inputs=graph.inputs, index_bounds=index_bounds(graph.proto))
+        report["batches"] = len(batches)
+        rule = "percentile" if method == "auto" else method
+        layers += [{**r, "source": rule} for r in acc.activation_ranges(graph.proto, batches, rule, ops)
+                   if r["node"] not in done]
+    table = tuple((d, r["lo"], r["hi"]) for r in layers for d in r["digests"])
+    report["layers"] = [{"node": r["node"], "op": r["op"], "lo": r["lo"], "hi": r["hi"], "source": r["source"]}
+                        for r in layers]
     return dataclasses.replace(compile_options, act_ranges=table), report
 
 

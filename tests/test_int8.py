@@ -272,7 +272,7 @@ def test_int8_on_the_command_line(tmp_path):
                            "--calibration-method", "minmax"], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **env_cache})
     assert done.returncode == 0, done.stderr
-    assert "int8 input ranges: minmax; 2 layer(s) calibrated on 4 random batches" in done.stdout
+    assert "int8 input ranges: minmax; 2 calibrated on 4 random batches; the other int8" in done.stdout
 
 
 # ---- accuracy=: the layer int8 breaks is kept in fp32 ------------------------------------------
@@ -562,3 +562,96 @@ def test_int8_leaves_the_layers_it_does_not_pay_for_in_fp32():
                         numpy_helper.from_array(rng.standard_normal((48, INT8_MIN_N - 1)).astype(np.float32), "W2")])
     model = accelkit.compile(proto, cache=False, precision="int8")
     assert model.manifest["offloaded"] == {"cpu.dense_i8": 1, "cpu.dense": 1}
+
+
+# ---- pre-quantized (QDQ) models -------------------------------------------------------------------
+
+def _qdq_bottleneck(tmp_path):
+    """_bottleneck_model quantized by onnxruntime's quantize_static (QDQ, u8 activations,
+    per-channel s8 weights), as users bring them."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    rng = np.random.default_rng(31)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"x": rng.standard_normal((1, 32, 10, 10)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    src, dst = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
+    onnx.save(_bottleneck_model(), str(src))
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return str(dst)
+
+
+def test_a_qdq_model_runs_the_int8_kernels_on_its_own_grid(tmp_path):
+    """int8: every activation Quantize->Dequantize pair becomes a Clip to its range and that range
+    is the next layer's (so the kernels quantize on the model's own scale and zero point); fp32:
+    the pairs stay and TVM emulates them exactly."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    import accelkit
+    from accelkit.backends.cpu import activation_qparams
+
+    path = _qdq_bottleneck(tmp_path)
+    proto = onnx.load(path)
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    model = accelkit.compile(path, cache=False, precision="int8")
+    offloaded = model.manifest["offloaded"]
+    assert sum(v for k, v in offloaded.items() if "_i8" in k) == 4 and "cpu.conv2d_nhwc_i8_bias_clip" in offloaded
+    c = model.manifest["calibration"]
+    assert [(layer["node"], layer["source"]) for layer in c["layers"]] == [
+        ("reduce", "qdq"), ("spatial", "qdq"), ("expand", "qdq"), ("down", "qdq")]
+    assert c["batches"] == 0  # nothing left to calibrate
+    # the reduce conv reads x through the pair (x_scale, x_zero_point): that grid, exactly
+    scale, zp = float(inits["x_scale"]), int(inits["x_zero_point"])
+    first = c["layers"][0]
+    np.testing.assert_allclose(activation_qparams(first["lo"], first["hi"]), [scale, zp], rtol=1e-6)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    emulated = accelkit.compile(path, cache=False)  # fp32: the QDQ arithmetic as written
+    rng = np.random.default_rng(32)
+    for _ in range(2):
+        x = {"x": rng.standard_normal((1, 32, 10, 10)).astype(np.float32)}
+        want = session.run(None, x)[0]
+        close(emulated.run(x)[0], want, tol=1e-5)
+        assert _cosine(model.run(x)[0], want) > 0.999
+    # accuracy= ranks a QDQ model's layers too (onnx's evaluator runs it with the pairs as Clips:
+    # it has no DequantizeLinear before opset 19, and this one is opset 17)
+    from accelkit import frontend
+    from accelkit.accuracy import layer_errors
+
+    ranked = layer_errors(frontend.prepare(path).proto, [x], "int8")
+    assert sorted(layer["node"] for layer in ranked) == ["expand", "reduce"]
+    assert all(layer["layer_error"] > 0 for layer in ranked)
+
+
+def test_qdq_pairs_that_are_not_an_activation_grid_stay():
+    """A Quantize whose readers use another scale, or that is a graph output, is left to TVM."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from accelkit.frontend.qdq import activation_ranges
+    from conftest import make_model
+
+    F = TensorProto.FLOAT
+    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0.2, np.float32), "s2"),
+             numpy_helper.from_array(np.array(128, np.uint8), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s2", "z"], ["y"]),  # another scale
+             helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q2"]),
+             helper.make_node("DequantizeLinear", ["q2", "s", "z"], ["y2"])]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [4])],
+                       [helper.make_tensor_value_info("y", F, [4]), helper.make_tensor_value_info("y2", F, [4])], inits)
+    out, ranges = activation_ranges(proto)
+    assert [n.op_type for n in out.graph.node] == ["QuantizeLinear", "DequantizeLinear", "Clip"]
+    lo, hi = ranges["y2"]
+    assert np.isclose(lo, -12.8) and np.isclose(hi, 12.7)
+    clip = out.graph.node[2]
+    bounds = {t.name: float(numpy_helper.to_array(t)) for t in out.graph.initializer}
+    assert list(clip.input[:1]) == ["x"] and list(clip.output) == ["y2"]
+    assert np.isclose(bounds[clip.input[1]], lo) and np.isclose(bounds[clip.input[2]], hi)
