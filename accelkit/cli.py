@@ -196,6 +196,8 @@ def _print_summary(m):
         print(f"  int8 input ranges: {c['method']}; "
               + (f"{', '.join(parts)}; the other int8 layers per row at run time" if parts
                  else "every int8 layer per row at run time"))
+    if m.get("int8_u8_edges"):
+        print(f"  u8 edges:  {m['int8_u8_edges']} int8 layer(s) write u8 for the next one (no fp32 in between)")
     if m.get("accuracy"):
         a = m["accuracy"]
         print(f"  accuracy vs {a['reference']} ({a['batches']} {a['inputs']} batches): "

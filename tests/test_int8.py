@@ -170,7 +170,7 @@ def test_dense_i8_refuses_bad_arguments(k):
     # x_qparams: [] or [scale > 0, integer zero point in 0..255]
     for bad in ([0.0, 3], [np.nan, 3], [np.inf, 3], [0.1, -1], [0.1, 256], [0.1, 2.5], [0.1, 3, 1], [0.1]):
         cases.append(((t(x), t(packed), t(qp), t(np.array(bad, np.float32)), n(), n(), 5, 0, 0, 0.0, 0.0, 1.0, out),
-                      r"x_qparams must be \[\] \(dynamic\)"))
+                      r"act_qparams must be \[\] \(dynamic\)"))
     for args, message in cases:
         with pytest.raises((TypeError, ValueError), match=message):
             f(*args)
@@ -539,7 +539,7 @@ def test_conv2d_nhwc_i8_refuses_bad_weights(k):
     with pytest.raises(ValueError, match="stride_h=0 is out of range"):
         k("conv2d_nhwc_i8")(x, t(packed), t(qp), none(), none(), none(), 3, 3, 0, 1, 1, 1, 1, 1, 0, 0, 0.0, 0.0, 1.0,
                             out)
-    with pytest.raises(ValueError, match=r"x_qparams must be \[\] \(dynamic\) or \[scale > 0, zero point in 0..255\]"):
+    with pytest.raises(ValueError, match=r"act_qparams must be \[\] \(dynamic\), \[scale > 0, zero point in 0..255\]"):
         k("conv2d_nhwc_i8")(x, t(packed), t(qp), t(np.array([0.1, 300], np.float32)), none(), none(), 3, 3, 1, 1, 1,
                             1, 1, 1, 0, 0, 0.0, 0.0, 1.0, out)
 
@@ -655,3 +655,143 @@ def test_qdq_pairs_that_are_not_an_activation_grid_stay():
     bounds = {t.name: float(numpy_helper.to_array(t)) for t in out.graph.initializer}
     assert list(clip.input[:1]) == ["x"] and list(clip.output) == ["y2"]
     assert np.isclose(bounds[clip.input[1]], lo) and np.isclose(bounds[clip.input[2]], hi)
+
+
+# ---- u8 activations between int8 layers (no fp32 round trip) ---------------------------------------
+
+def _u8(x, grid):
+    """x on the grid [scale, zero point], as the kernels quantize it."""
+    q, _, _ = quantize_rows(np.asarray(x, np.float32).reshape(-1, np.shape(x)[-1]), grid)
+    return q.astype(np.uint8).reshape(np.shape(x))
+
+
+def test_dense_i8_reads_u8_rows_and_writes_u8_on_the_next_grid(k, path):
+    """x already u8 on its grid gives what the float x on that grid gives; a u8 out is the float
+    result (bias, activation) quantized on the out grid."""
+    from accelkit.backends.cpu import activation_qparams
+
+    rng = np.random.default_rng(41)
+    x = rng.standard_normal((37, 48)).astype(np.float32)
+    w = rng.standard_normal((48, 40)).astype(np.float32)
+    b = rng.standard_normal(40).astype(np.float32)
+    packed, qp = quantize_weight_int8(w)
+    xg, yg = activation_qparams(-2.5, 3.0), activation_qparams(0.0, 12.0)
+    f32 = run_dense_i8(k, x, w, b, act="relu", xq=xg)
+    out = t(np.zeros((37, 40), np.float32))
+    k("dense_i8")(t(_u8(x, xg)), t(packed), t(qp), t(xg), t(b), none(), 40, ACT_CODES["relu"], 0, 0.0, 0.0, 1.0, out)
+    np.testing.assert_array_equal(out.numpy(), f32)
+    for xin, grid in ((x, np.concatenate([xg, yg])), (_u8(x, xg), np.concatenate([xg, yg])),
+                      (x, np.concatenate([[0, 0], yg]).astype(np.float32))):  # dynamic rows, u8 out
+        u8 = t(np.zeros((37, 40), np.uint8))
+        k("dense_i8")(t(xin), t(packed), t(qp), t(grid), t(b), none(), 40, ACT_CODES["relu"], 0, 0.0, 0.0, 1.0, u8)
+        ref = f32 if grid[0] else run_dense_i8(k, x, w, b, act="relu")
+        want = _u8(ref, yg).astype(np.int64)
+        got = u8.numpy().astype(np.int64)
+        assert np.abs(got - want).max() <= 1 and np.mean(got == want) > 0.99
+
+
+def test_conv2d_nhwc_i8_reads_a_u8_image_and_writes_u8(k, path):
+    from accelkit.backends.cpu import activation_qparams, quantize_conv_weight_int8
+
+    rng = np.random.default_rng(42)
+    x = rng.standard_normal((1, 9, 11, 16)).astype(np.float32)
+    w = (rng.standard_normal((24, 16, 3, 3)) / 12).astype(np.float32)
+    b = rng.standard_normal(24).astype(np.float32)
+    packed, qp = quantize_conv_weight_int8(w)
+    xg, yg = activation_qparams(-2.0, 2.5), activation_qparams(0.0, 4.0)
+
+    def conv(xin, grid, dtype):
+        out = t(np.zeros((1, 9, 11, 24), dtype))
+        k("conv2d_nhwc_i8")(t(xin), t(packed), t(qp), t(np.asarray(grid, np.float32)), t(b), none(), 3, 3, 1, 1,
+                            1, 1, 1, 1, ACT_CODES["relu"], 0, 0.0, 0.0, 1.0, out)
+        return out.numpy()
+
+    f32 = conv(x, xg, np.float32)
+    np.testing.assert_array_equal(conv(_u8(x, xg), xg, np.float32), f32)  # the u8 image: same integers
+    for xin in (x, _u8(x, xg)):
+        got = conv(xin, np.concatenate([xg, yg]), np.uint8).astype(np.int64)
+        want = _u8(f32, yg).astype(np.int64)
+        assert np.abs(got - want).max() <= 1 and np.mean(got == want) > 0.99
+
+
+def test_u8_activations_are_refused_without_their_grids(k):
+    from accelkit.backends.cpu import activation_qparams
+
+    packed, qp = quantize_weight_int8(np.ones((8, 5), np.float32))
+    xg = activation_qparams(-1, 1)
+    both = t(np.concatenate([xg, xg]))
+    f32, u8 = t(np.zeros((4, 5), np.float32)), t(np.zeros((4, 5), np.uint8))
+    x8, xf = t(np.zeros((4, 8), np.uint8)), t(np.zeros((4, 8), np.float32))
+    n = none
+    for args, message in [
+        ((x8, t(packed), t(qp), n(), n(), n(), 5, 0, 0, 0.0, 0.0, 1.0, f32), "a uint8 x needs its grid"),
+        ((xf, t(packed), t(qp), t(xg), n(), n(), 5, 0, 0, 0.0, 0.0, 1.0, u8), "out must be float32 with 2 act_qparams"),
+        ((xf, t(packed), t(qp), both, n(), n(), 5, 0, 0, 0.0, 0.0, 1.0, f32), "out must be uint8 with 4 act_qparams"),
+        ((xf, t(packed), t(qp), both, n(), t(np.zeros((4, 5), np.float32)), 5, 0, 1, 0.0, 0.0, 1.0, u8),
+         "a uint8 out takes no residual"),
+        ((t(np.zeros((4, 6), np.uint8)), t(quantize_weight_int8(np.ones((6, 5), np.float32))[0]),
+          t(quantize_weight_int8(np.ones((6, 5), np.float32))[1]), t(xg), n(), n(), 5, 0, 0, 0.0, 0.0, 1.0, f32),
+         r"a uint8 x needs K % 4 == 0"),
+        ((t(np.zeros((4, 8), np.int8)), t(packed), t(qp), t(xg), n(), n(), 5, 0, 0, 0.0, 0.0, 1.0, f32),
+         "x must be float32 or uint8"),
+    ]:
+        with pytest.raises(ValueError if "must be float32 or" not in message else TypeError, match=message):
+            k("dense_i8")(*args)
+
+
+def test_int8_layers_pass_u8_activations_to_each_other(tmp_path):
+    """In the bottleneck, reduce -> spatial and spatial -> expand are int8 layers whose only
+    reader is a calibrated int8 layer: they write u8 on the reader's grid (no fp32 tensor, no
+    quantizing pass). expand has a residual add and down reads the relu of a sum: fp32 there.
+    The u8 written is what the reader would have made of the float32 (the same quantization of
+    the same value), so the result is the unchained build's, exactly."""
+    import accelkit
+    from accelkit.backends import cpu
+
+    proto = _bottleneck_model()
+    chained = accelkit.compile(proto, cache=False, precision="int8")
+    assert chained.manifest["int8_u8_edges"] == 2
+    original = cpu.CPUBackend.after_offload
+    try:
+        cpu.CPUBackend.after_offload = lambda self, mod, options: (mod, {})
+        plain = accelkit.compile(proto, cache=False, precision="int8")
+    finally:
+        cpu.CPUBackend.after_offload = original
+    assert "int8_u8_edges" not in plain.manifest
+    fp32 = accelkit.compile(proto, cache=False)
+    rng = np.random.default_rng(43)
+    x = {"x": rng.standard_normal((1, 32, 10, 10)).astype(np.float32)}
+    got = chained.run(x)[0]
+    np.testing.assert_array_equal(got, plain.run(x)[0])
+    assert _cosine(got, fp32.run(x)[0]) > 0.999
+    chained.save(str(tmp_path / "m.akx"))  # the u8 edges survive the artifact
+    np.testing.assert_array_equal(accelkit.load(str(tmp_path / "m.akx")).run(x)[0], got)
+    # dynamic rows have no grid to write on: nothing is chained
+    assert accelkit.compile(proto, cache=False, precision="int8", calibration_method="dynamic").manifest[
+        "int8_u8_edges"] == 0
+
+
+def test_a_layer_read_twice_keeps_its_fp32_output():
+    """conv a -> relu -> (conv b, conv c): a's output has two readers, so it stays float32;
+    b and c (read once each, by nothing int8) too."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import accelkit
+    from conftest import make_model
+
+    rng = np.random.default_rng(44)
+
+    def w(name, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) / math.sqrt(np.prod(shape[1:]))).astype(np.float32), name)
+
+    nodes = [helper.make_node("Conv", ["x", "Wa"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Conv", ["r", "Wb"], ["b"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["r", "Wc"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Add", ["b", "c"], ["y"])]
+    F = TensorProto.FLOAT
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 32, 8, 8])],
+                       [helper.make_tensor_value_info("y", F, [1, 32, 8, 8])],
+                       [w("Wa", 32, 32, 3, 3), w("Wb", 32, 32, 3, 3), w("Wc", 32, 32, 3, 3)])
+    model = accelkit.compile(proto, cache=False, precision="int8")
+    assert sum(v for k, v in model.manifest["offloaded"].items() if "_i8" in k) == 3
+    assert model.manifest["int8_u8_edges"] == 0
+    assert model.manifest["accuracy"]["min_cosine"] > 0.999

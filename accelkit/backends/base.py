@@ -165,6 +165,11 @@ class TVMBackend(Backend):
         """Graph rewrites before the patterns are matched (e.g. a layout change); none here."""
         return mod
 
+    def after_offload(self, mod: tvm.IRModule, options: CompileOptions) -> tuple[tvm.IRModule, dict[str, Any]]:
+        """Rewrites of the module with its kernel calls in place (e.g. calls that pass each
+        other a narrower type) -> (module, manifest entries that describe them); none here."""
+        return mod, {}
+
     def load_kernels(self) -> None:
         """Register this backend's kernels (TVM-FFI global functions) in the current process."""
 
@@ -205,7 +210,8 @@ class TVMBackend(Backend):
         return None
 
     def _offloaded(self, graph: Graph, options: CompileOptions):
-        """(target, Relax module with the patterns' subgraphs in kernel calls, offload counts)."""
+        """(target, Relax module with the patterns' subgraphs in kernel calls, offload counts,
+        after_offload's manifest entries)."""
         from accelkit import frontend
         from accelkit.guards import clip_take_indices
         from accelkit.partition import offload
@@ -213,7 +219,8 @@ class TVMBackend(Backend):
         target = self.target(options)
         mod = self.prepare(clip_take_indices(frontend.to_relax(graph)), options)
         mod, offloaded = offload(mod, self.patterns_for(options))
-        return target, mod, offloaded
+        mod, extra = self.after_offload(mod, options)
+        return target, mod, offloaded, extra
 
     def tuning_module(self, graph: Graph, options: CompileOptions):
         """(target, module) at the point tuning works on: kernel calls in place and every
@@ -221,7 +228,7 @@ class TVMBackend(Backend):
         schedule); None when this backend's passes have no default-schedule step."""
         import tvm
 
-        target, mod, _ = self._offloaded(graph, options)
+        target, mod, _, _ = self._offloaded(graph, options)
         passes = self.passes(target)
         at = _schedule_index(passes)
         if at is None:
@@ -235,7 +242,7 @@ class TVMBackend(Backend):
 
         from accelkit.errors import CompileError
 
-        target, mod, offloaded = self._offloaded(graph, options)
+        target, mod, offloaded, extra = self._offloaded(graph, options)
         passes = self.passes(target)
         applied: dict[str, Any] = {}
         if options.tuning is not None:
@@ -255,7 +262,7 @@ class TVMBackend(Backend):
             ) from exc
         kernels = sorted({p.kernel for p in self.patterns_for(options) if p.name in offloaded})
         entries = {"target": str(target), "target_config": _target_config(target),
-                   "offloaded": offloaded, "kernels": kernels, "library": self.library_name}
+                   "offloaded": offloaded, "kernels": kernels, "library": self.library_name, **extra}
         if options.tuning is not None:
             entries["tuning"] = {"database": options.tuning.digest, "applied": applied}
         return entries

@@ -528,6 +528,80 @@ def conv1x1_int8_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.dense
                            functools.partial(_conv1x1_nhwc_args_int8, keep=keep, ranges=ranges))
 
 
+INT8_KERNELS = {"accelkit.cpu.dense_i8": 8, "accelkit.cpu.conv2d_nhwc_i8": 15}  # -> res_mode's argument
+
+
+def _int8_call(expr):
+    """(kernel, argument list) of an R.call_dps_packed into an int8 kernel, else None."""
+    from tvm import relax
+
+    if (isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.call_dps_packed"
+            and getattr(expr.args[0], "global_symbol", None) in INT8_KERNELS):
+        return expr.args[0].global_symbol, list(expr.args[1].fields)
+    return None
+
+
+def chain_int8(mod):
+    """u8 activations from one int8 layer to the next: where an int8 kernel call's only reader
+    is another int8 call that quantizes it on a calibrated grid (its act_qparams [scale, zero
+    point]), the first writes u8 on that grid (act_qparams gets the grid as its second pair)
+    and the second reads the u8 as it is: no float32 tensor between them, no quantizing pass.
+    A producer with a residual add stays float32 (the add needs it), and so does one read by
+    anything else. Returns (module, number of u8 edges)."""
+    from tvm import relax
+
+    from accelkit.partition import _bound_uses
+
+    edges = 0
+    for gvar, func in list(mod.functions.items()):
+        if not isinstance(func, relax.Function):
+            continue
+        var2val = relax.analysis.get_var2val(func)
+        _, uses = _bound_uses(func)
+        replace = {}
+        for value in var2val.values():
+            consumer = _int8_call(value)
+            if consumer is None:
+                continue
+            kernel, args = consumer
+            x, grid = args[0], _const_value(args[3])
+            producer = _int8_call(var2val.get(x)) if isinstance(x, relax.Var) else None
+            if producer is None or grid is None or grid.size != 2 or uses[x] != 1:
+                continue
+            pkernel, pargs = producer
+            res_mode = pargs[INT8_KERNELS[pkernel]].value
+            if int(getattr(res_mode, "value", res_mode)) != 0:  # a residual add
+                continue
+            shape = x.ty.shape
+            if shape is None or (kernel == "accelkit.cpu.dense_i8" and int(shape[-1]) % 4):  # u8 rows: K % 4 == 0
+                continue
+            pgrid = _const_value(pargs[3])
+            pgrid = pgrid if pgrid is not None and pgrid.size == 2 else np.zeros(2, np.float32)
+            pargs[3] = relax.const(np.concatenate([pgrid, grid]).astype(np.float32))
+            call = var2val[x]
+            replace[call] = (call.args[0], pargs, relax.TensorType(shape, "uint8"))
+        if not replace:
+            continue
+
+        @relax.expr_functor.mutator
+        class _Chain(relax.PyExprMutator):
+            def visit_var_binding_(self, binding):
+                new = replace.get(binding.value)
+                if new is None:
+                    return super().visit_var_binding_(binding)
+                # the producer's var changes type (uint8): a new var, and its reader remapped
+                kernel, args, out_type = new
+                call = relax.call_dps_packed(kernel, [self.visit_expr(a) for a in args], out_type)
+                var = (self.builder_.emit(call, binding.var.name)
+                       if isinstance(binding.var, relax.DataflowVar) or not self.builder_.current_block_is_dataflow()
+                       else self.builder_.emit_output(call, binding.var.name))
+                self.set_var_remap(binding.var, var)
+
+        mod[gvar] = _Chain(mod).visit_expr(func)
+        edges += len(replace)
+    return mod, edges
+
+
 def conv2d_nhwc_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.conv2d_nhwc",
                          winograd: bool = True) -> list[KernelPattern]:
     """conv2d(x NHWC, const W OIHW) with its epilogue -> the channels-last conv kernel: a GEMM over
@@ -802,6 +876,12 @@ class CPUBackend(TVMBackend):
                     "runs fast on a CPU with AVX512-VNNI")
         layout = _choice(options, "layout", LAYOUTS)
         return to_channels_last(mod) if layout == "nhwc" else mod
+
+    def after_offload(self, mod, options: CompileOptions):
+        if options.precision != "int8":
+            return mod, {}
+        mod, edges = chain_int8(mod)
+        return mod, {"int8_u8_edges": edges}
 
     def load_kernels(self):
         from accelkit import kernels

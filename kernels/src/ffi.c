@@ -261,52 +261,79 @@ static int ak_int8_weights(const ak_call* c, const DLTensor* w, const DLTensor* 
   return 0;
 }
 
-/* x_qparams: [0] (each row's own range, at run time) or [2] = {scale, zero point}, a range
- * calibrated at compile time: scale finite and > 0, the zero point an integer in [0, 255]. */
-static int ak_x_qparams(const ak_call* c, const DLTensor* xq, const float** out) {
-  *out = NULL;
-  const int64_t n = ak_numel(xq);
-  if (n == 0) return 0;
-  const float* v = AK_DATA(xq);
-  if (n != 2 || !(v[0] > 0.f) || !isfinite(v[0]) || !(v[1] >= 0.f && v[1] <= 255.f) ||
-      v[1] != nearbyintf(v[1]))
-    return ak_fail(c, "ValueError", "x_qparams must be [] (dynamic) or [scale > 0, zero point in "
-                   "0..255] (a calibrated range); got %lld values", (long long)n);
-  *out = v;
+/* One (scale, zero point) pair: scale finite and > 0, the zero point an integer in [0, 255]. */
+static int ak_grid_ok(const float* v) {
+  return v[0] > 0.f && isfinite(v[0]) && v[1] >= 0.f && v[1] <= 255.f && v[1] == nearbyintf(v[1]);
+}
+
+/* act_qparams: [0] (x's rows each on their own range, at run time; float32 out), [2] = {scale,
+ * zero point} of x (a calibrated range), or [4] = {x's pair or 0, 0 (dynamic rows), out's pair}:
+ * out is u8 on that grid (the next int8 layer's input). A u8 x must be on a given grid, a u8
+ * out needs the 4 values and no residual. */
+static int ak_act_qparams(const ak_call* c, const DLTensor* aq, const DLTensor* x, const DLTensor* out,
+                          const ak_epilogue* e, const float** xq, const float** yq) {
+  *xq = *yq = NULL;
+  const int64_t n = ak_numel(aq);
+  const float* v = n ? AK_DATA(aq) : NULL;
+  const int dynamic = n == 4 && v[0] == 0.f && v[1] == 0.f;
+  if ((n != 0 && n != 2 && n != 4) || (n >= 2 && !dynamic && !ak_grid_ok(v)) || (n == 4 && !ak_grid_ok(v + 2)))
+    return ak_fail(c, "ValueError", "act_qparams must be [] (dynamic), [scale > 0, zero point in "
+                   "0..255] (a calibrated range of x) or 4 values (x's range or 0, 0, then out's); "
+                   "got %lld values", (long long)n);
+  if (n >= 2 && !dynamic) *xq = v;
+  if (n == 4) *yq = v + 2;
+  const int x_u8 = x->dtype.code == kDLUInt, out_u8 = out->dtype.code == kDLUInt;
+  if (x_u8 && !*xq)
+    return ak_fail(c, "ValueError", "a uint8 x needs its grid: act_qparams [scale, zero point, ...]");
+  if (out_u8 != (*yq != NULL))
+    return ak_fail(c, "ValueError", "out must be %s with %lld act_qparams", *yq ? "uint8" : "float32",
+                   (long long)n);
+  if (out_u8 && e->res_mode != AK_RES_NONE)
+    return ak_fail(c, "ValueError", "a uint8 out takes no residual (res_mode must be 0)");
   return 0;
 }
 
-/* dense_i8(x[..., K], wq int8 [P, K4, NR, 4], qp[2, P*NR], x_qparams[0 | 2], bias[N] | [0],
- *          res[..., N] | [0], N, act, res_mode, lo, hi, scale, out[..., N]): the int8 dense of
- *          ak_dense_u8s8_f32. */
+/* x or out: a float32 tensor, or a uint8 one (a u8 activation between int8 layers). */
+static DLTensor* ak_f32_or_u8(const ak_call* c, int i, const char* what, int rmin, int rmax) {
+  DLTensor* t = ak_tensor_or_null(&c->args[i]);
+  if (t && t->dtype.code == kDLUInt) return ak_typed(c, i, what, rmin, rmax, kDLUInt, 8, "float32 or uint8");
+  return ak_typed(c, i, what, rmin, rmax, kDLFloat, 32, "float32 or uint8");
+}
+
+/* dense_i8(x[..., K] f32 | u8, wq int8 [P, K4, NR, 4], qp[2, P*NR], act_qparams[0 | 2 | 4],
+ *          bias[N] | [0], res[..., N] | [0], N, act, res_mode, lo, hi, scale,
+ *          out[..., N] f32 | u8): the int8 dense of ak_dense_u8s8_f32. */
 static int ak_dense_i8(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
   (void)self; (void)result;
   ak_call c = {"accelkit.cpu.dense_i8", args, n};
-  AK_TRY(ak_nargs(&c, 13, "x, w_int8, w_qparams, x_qparams, bias, res, N, act, res_mode, lo, hi, "
+  AK_TRY(ak_nargs(&c, 13, "x, w_int8, w_qparams, act_qparams, bias, res, N, act, res_mode, lo, hi, "
                           "scale, out"));
-  DLTensor *x, *w, *qp, *xqp, *bias, *res, *out;
-  AK_NEED(x = ak_f32(&c, 0, "x", 1, 8));
+  DLTensor *x, *w, *qp, *aqp, *bias, *res, *out;
+  AK_NEED(x = ak_f32_or_u8(&c, 0, "x", 1, 8));
   AK_NEED(w = ak_typed(&c, 1, "w_int8", 4, 4, kDLInt, 8, "int8"));
   AK_NEED(qp = ak_f32(&c, 2, "w_qparams", 2, 2));
-  AK_NEED(xqp = ak_f32(&c, 3, "x_qparams", 1, 1));
+  AK_NEED(aqp = ak_f32(&c, 3, "act_qparams", 1, 1));
   AK_NEED(bias = ak_f32(&c, 4, "bias", 1, 1));
   AK_NEED(res = ak_f32(&c, 5, "res", 1, 8));
-  AK_NEED(out = ak_f32(&c, n - 1, "out", 1, 8));
+  AK_NEED(out = ak_f32_or_u8(&c, n - 1, "out", 1, 8));
   int64_t N;
   ak_epilogue e;
   ak_tuning tune;
-  const float* xq;
+  const float *xq, *yq;
   AK_TRY(ak_config(&c, 13, &tune));
   AK_TRY(ak_int(&c, 6, "N", 1, (int64_t)1 << 40, &N));
   AK_TRY(ak_epi(&c, 7, &e));
-  AK_TRY(ak_x_qparams(&c, xqp, &xq));
+  AK_TRY(ak_act_qparams(&c, aqp, x, out, &e, &xq, &yq));
   AK_TRY(ak_aligned(&c, w, "w_int8"));
   const int64_t K = x->shape[x->ndim - 1];
   AK_TRY(ak_int8_weights(&c, w, qp, K, N, "K=%lld, N=%lld", (long long)K, (long long)N));
   AK_TRY(ak_dense_io(&c, x, out, bias, res, N, &e));
   const int64_t M = K ? ak_numel(x) / K : ak_numel(out) / N;
-  if (ak_dense_u8s8_f32(AK_DATA(x), M, K, (const int8_t*)((char*)w->data + w->byte_offset),
-                        AK_DATA(qp), xq, N, AK_OPT(bias), e.res_mode ? AK_DATA(res) : NULL,
+  const int x_u8 = x->dtype.code == kDLUInt;
+  if (x_u8 && K % 4 != 0)
+    return ak_fail(&c, "ValueError", "a uint8 x needs K %% 4 == 0 (got K=%lld)", (long long)K);
+  if (ak_dense_u8s8_f32(AK_DATA(x), x_u8, M, K, (const int8_t*)((char*)w->data + w->byte_offset),
+                        AK_DATA(qp), xq, yq, N, AK_OPT(bias), e.res_mode ? AK_DATA(res) : NULL,
                         AK_DATA(out), e, tune) != 0)
     return ak_fail(&c, "MemoryError", "could not allocate %lld bytes for the quantized rows",
                    (long long)(M * ((K + 3) / 4) * 4));
@@ -560,27 +587,26 @@ static int ak_conv2d_nhwc(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAn
   return 0;
 }
 
-/* conv2d_nhwc_i8(x[N, H, W, C], wq int8 [P, K4, NR, 4], qp[2, P*NR], x_qparams[0 | 2],
- *               bias[Cout] | [0], res | [0], KH, KW, SH, SW, PH, PW, DH, DW, act, res_mode, lo,
- *               hi, scale, out[N, OH, OW, Cout]): ak_conv2d_nhwc_u8s8_f32 (groups 1),
- *               K = KH*KW*C. */
+/* conv2d_nhwc_i8(x[N, H, W, C] f32 | u8, wq int8 [P, K4, NR, 4], qp[2, P*NR],
+ *               act_qparams[0 | 2 | 4], bias[Cout] | [0], res | [0], KH, KW, SH, SW, PH, PW, DH,
+ *               DW, act, res_mode, lo, hi, scale, out[N, OH, OW, Cout] f32 | u8):
+ *               ak_conv2d_nhwc_u8s8_f32 (groups 1), K = KH*KW*C. */
 static int ak_conv2d_nhwc_i8(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
   (void)self; (void)result;
   ak_call c = {"accelkit.cpu.conv2d_nhwc_i8", args, n};
-  AK_TRY(ak_nargs(&c, 20, "x, w_int8, w_qparams, x_qparams, bias, res, KH, KW, SH, SW, PH, PW, DH, "
-                          "DW, act, res_mode, lo, hi, scale, out"));
-  DLTensor *x, *w, *qp, *xqp, *bias, *res, *out;
-  AK_NEED(x = ak_f32(&c, 0, "x", 4, 4));
+  AK_TRY(ak_nargs(&c, 20, "x, w_int8, w_qparams, act_qparams, bias, res, KH, KW, SH, SW, PH, PW, "
+                          "DH, DW, act, res_mode, lo, hi, scale, out"));
+  DLTensor *x, *w, *qp, *aqp, *bias, *res, *out;
+  AK_NEED(x = ak_f32_or_u8(&c, 0, "x", 4, 4));
   AK_NEED(w = ak_typed(&c, 1, "w_int8", 4, 4, kDLInt, 8, "int8"));
   AK_NEED(qp = ak_f32(&c, 2, "w_qparams", 2, 2));
-  AK_NEED(xqp = ak_f32(&c, 3, "x_qparams", 1, 1));
+  AK_NEED(aqp = ak_f32(&c, 3, "act_qparams", 1, 1));
   AK_NEED(bias = ak_f32(&c, 4, "bias", 1, 1));
   AK_NEED(res = ak_f32(&c, 5, "res", 1, 4));
-  AK_NEED(out = ak_f32(&c, n - 1, "out", 4, 4));
+  AK_NEED(out = ak_f32_or_u8(&c, n - 1, "out", 4, 4));
   ak_tuning tune;
-  const float* xq;
+  const float *xq, *yq;
   AK_TRY(ak_config(&c, 20, &tune));
-  AK_TRY(ak_x_qparams(&c, xqp, &xq));
   int64_t v[8];
   static const char* names[8] = {"KH", "KW", "stride_h", "stride_w", "pad_top", "pad_left",
                                  "dilation_h", "dilation_w"};
@@ -588,6 +614,7 @@ static int ak_conv2d_nhwc_i8(void* self, const TVMFFIAny* args, int32_t n, TVMFF
     AK_TRY(ak_int(&c, 6 + i, names[i], (i == 4 || i == 5) ? 0 : 1, 1 << 20, &v[i]));
   ak_epilogue e;
   AK_TRY(ak_epi(&c, 14, &e));
+  AK_TRY(ak_act_qparams(&c, aqp, x, out, &e, &xq, &yq));
   AK_TRY(ak_aligned(&c, w, "w_int8"));
   const int64_t N = x->shape[0], C = x->shape[3], cout = out->shape[3];
   AK_TRY(ak_int8_weights(&c, w, qp, v[0] * v[1] * C, cout,
@@ -601,9 +628,10 @@ static int ak_conv2d_nhwc_i8(void* self, const TVMFFIAny* args, int32_t n, TVMFF
   ak_conv_geom g = {C, x->shape[1], x->shape[2], v[0], v[1], out->shape[1], out->shape[2],
                     v[2], v[3], v[4], v[5], v[6], v[7]};
   if (ak_numel(out) == 0) return 0;
-  if (ak_conv2d_nhwc_u8s8_f32(AK_DATA(x), (const int8_t*)((char*)w->data + w->byte_offset),
-                              AK_DATA(qp), xq, AK_OPT(bias), e.res_mode ? AK_DATA(res) : NULL,
-                              AK_DATA(out), N, &g, cout, e, tune) != 0)
+  if (ak_conv2d_nhwc_u8s8_f32(AK_DATA(x), x->dtype.code == kDLUInt,
+                              (const int8_t*)((char*)w->data + w->byte_offset), AK_DATA(qp), xq, yq,
+                              AK_OPT(bias), e.res_mode ? AK_DATA(res) : NULL, AK_DATA(out), N, &g,
+                              cout, e, tune) != 0)
     return ak_fail(&c, "MemoryError", "could not allocate %lld bytes for the quantized input",
                    (long long)ak_numel(x));
   return 0;

@@ -574,6 +574,9 @@ typedef struct {
   const uint8_t* xu8; /* static: the quantized input image, else NULL */
   float x_scale;
   int32_t x_zp;
+  uint8_t* out_u8; /* a u8 output (yq), else NULL: j->out then */
+  float y_inv;
+  int32_t y_zp;
   int64_t K4, ldq;
   const ak_int8_table* i8;
 } ak_nhwc_i8_job;
@@ -657,6 +660,16 @@ static void nhwc_i8_range(int64_t begin, int64_t end, void* ctx) {
       for (int64_t t0 = 0; t0 < rows; t0 += step) {
         const int mr = (int)(rows - t0 < step ? rows - t0 : step);
         const int64_t row = m0 + t0;
+        if (q->out_u8) { /* through a float tile, quantized row by row on the output grid */
+          float tile[AK_MR * AK_NR] __attribute__((aligned(64)));
+          q->i8->ukr(mr, q->K4, qa + t0 * q->ldq, q->ldq, panel, tile, AK_NR, nv, a_scale + t0,
+                     a_zp + t0, q->qp + n0, q->qp + j->P * AK_NR + n0, j->bias ? j->bias + n0 : NULL,
+                     NULL, AK_NR, &j->epi);
+          for (int r = 0; r < mr; ++r)
+            q->i8->quant_fixed(tile + r * AK_NR, 1, nv, q->out_u8 + (row + r) * j->cout + n0, nv,
+                               q->y_inv, q->y_zp);
+          continue;
+        }
         q->i8->ukr(mr, q->K4, qa + t0 * q->ldq, q->ldq, panel, j->out + row * j->cout + n0, j->cout, nv,
                a_scale + t0, a_zp + t0, q->qp + n0, q->qp + j->P * AK_NR + n0,
                j->bias ? j->bias + n0 : NULL, j->res ? j->res + row * j->cout + n0 : NULL, j->cout,
@@ -681,13 +694,22 @@ static void image_range(int64_t begin, int64_t end, void* ctx) {
            j->inv, j->z);
 }
 
-int ak_conv2d_nhwc_u8s8_f32(const float* x, const int8_t* wq, const float* qp, const float* xq,
-                            const float* bias, const float* res, float* out, int64_t n,
-                            const ak_conv_geom* g, int64_t cout, ak_epilogue epi, ak_tuning tune) {
+int ak_conv2d_nhwc_u8s8_f32(const void* x, int x_u8, const int8_t* wq, const float* qp,
+                            const float* xq, const float* yq, const float* bias, const float* res,
+                            void* out, int64_t n, const ak_conv_geom* g, int64_t cout,
+                            ak_epilogue epi, ak_tuning tune) {
   ak_nhwc_i8_job q;
   memset(&q, 0, sizeof(q));
   ak_nhwc_job* j = &q.base;
-  j->x = x; j->bias = bias; j->res = res; j->out = out; j->g = g;
+  j->x = x_u8 ? NULL : (const float*)x; j->bias = bias; j->g = g;
+  if (yq) {
+    q.out_u8 = (uint8_t*)out;
+    q.y_inv = 1.f / yq[0];
+    q.y_zp = (int32_t)yq[1];
+  } else {
+    j->out = (float*)out;
+    j->res = res;
+  }
   j->epi = epi;
   j->xc = g->C;
   j->cout = j->coutg = cout;
@@ -704,13 +726,17 @@ int ak_conv2d_nhwc_u8s8_f32(const float* x, const int8_t* wq, const float* qp, c
   q.ldq = q.K4 * 4;
   q.i8 = ak_int8();
   uint8_t* image = NULL;
-  if (xq) { /* a calibrated range: quantize the image once */
+  if (x_u8) { /* the previous int8 layer's u8 output, on the grid xq */
+    q.x_scale = xq[0];
+    q.x_zp = (int32_t)xq[1];
+    q.xu8 = (const uint8_t*)x;
+  } else if (xq) { /* a calibrated range: quantize the image once */
     const int64_t pixels = n * g->H * g->W;
     image = (uint8_t*)aligned_alloc(64, ((size_t)(pixels * g->C) + 63) & ~(size_t)63);
     if (!image) return -1;
     q.x_scale = xq[0];
     q.x_zp = (int32_t)xq[1];
-    ak_image_job ij = {x, image, g->C, 1.f / xq[0], q.x_zp, q.i8->quant_fixed};
+    ak_image_job ij = {(const float*)x, image, g->C, 1.f / xq[0], q.x_zp, q.i8->quant_fixed};
     ak_parallel_range_n(image_range, &ij, pixels, pixels * g->C >= 16384 ? (int)threads : 1);
     q.xu8 = image;
   }

@@ -131,15 +131,20 @@ typedef struct {
   const int8_t* wq;
   const float *w_scale, *w_sum, *bias, *res;
   float* out;
+  uint8_t* out_u8; /* a u8 output (yq), else NULL */
+  float y_inv;
+  int32_t y_zp;
   int64_t M, N, K4, ldq, P, mrows, mchunks;
   ak_epilogue epi;
-  ak_ukr_i8_fn ukr;
+  const ak_int8_table* i8;
 } ak_i8_job;
 
 /* Work item = (weight panel, chunk of rows), rows inner: a thread's panels are read once, the
- * quantized rows (M x K bytes) stay in L2 while its panels sweep them. */
+ * quantized rows (M x K bytes) stay in L2 while its panels sweep them. A u8 output goes
+ * through a float tile on the stack, quantized row by row on the output grid. */
 static void i8_range(int64_t begin, int64_t end, void* ctx) {
   const ak_i8_job* j = (const ak_i8_job*)ctx;
+  float tile[AK_MR * AK_NR] __attribute__((aligned(64)));
   for (int64_t idx = begin; idx < end; ++idx) {
     const int64_t p = idx / j->mchunks, mc = idx % j->mchunks;
     const int64_t n0 = p * AK_NR;
@@ -148,20 +153,31 @@ static void i8_range(int64_t begin, int64_t end, void* ctx) {
     const int64_t m_begin = mc * j->mrows, m_end = m_begin + j->mrows < j->M ? m_begin + j->mrows : j->M;
     for (int64_t m0 = m_begin; m0 < m_end; m0 += AK_MR) {
       const int mr = (int)(m_end - m0 < AK_MR ? m_end - m0 : AK_MR);
-      j->ukr(mr, j->K4, j->q + m0 * j->ldq, j->ldq, panel, j->out + m0 * j->N + n0, j->N, nv,
-             j->a_scale + m0, j->a_zp + m0, j->w_scale + n0, j->w_sum + n0,
-             j->bias ? j->bias + n0 : NULL, j->res ? j->res + m0 * j->N + n0 : NULL, j->N, &j->epi);
+      if (j->out_u8) {
+        j->i8->ukr(mr, j->K4, j->q + m0 * j->ldq, j->ldq, panel, tile, AK_NR, nv, j->a_scale + m0,
+                   j->a_zp + m0, j->w_scale + n0, j->w_sum + n0, j->bias ? j->bias + n0 : NULL, NULL,
+                   AK_NR, &j->epi);
+        for (int r = 0; r < mr; ++r)
+          j->i8->quant_fixed(tile + r * AK_NR, 1, nv, j->out_u8 + (m0 + r) * j->N + n0, nv, j->y_inv,
+                             j->y_zp);
+        continue;
+      }
+      j->i8->ukr(mr, j->K4, j->q + m0 * j->ldq, j->ldq, panel, j->out + m0 * j->N + n0, j->N, nv,
+                 j->a_scale + m0, j->a_zp + m0, j->w_scale + n0, j->w_sum + n0,
+                 j->bias ? j->bias + n0 : NULL, j->res ? j->res + m0 * j->N + n0 : NULL, j->N, &j->epi);
     }
   }
 }
 
-int ak_dense_u8s8_f32(const float* x, int64_t M, int64_t K, const int8_t* wq, const float* qp,
-                      const float* xq, int64_t N, const float* bias, const float* res, float* out,
-                      ak_epilogue epi, ak_tuning tune) {
+int ak_dense_u8s8_f32(const void* x, int x_u8, int64_t M, int64_t K, const int8_t* wq,
+                      const float* qp, const float* xq, const float* yq, int64_t N,
+                      const float* bias, const float* res, void* out, ak_epilogue epi,
+                      ak_tuning tune) {
   if (M <= 0 || N <= 0) return 0;
   const ak_int8_table* i8 = ak_int8();
   const int64_t K4 = (K + 3) / 4, ldq = K4 * 4, P = (N + AK_NR - 1) / AK_NR;
-  const size_t qbytes = ((size_t)(M * ldq) + 63) & ~(size_t)63;
+  /* u8 rows given (x_u8, K % 4 == 0 checked by the caller): no copy, only the row grids */
+  const size_t qbytes = x_u8 ? 0 : ((size_t)(M * ldq) + 63) & ~(size_t)63;
   const size_t rbytes = ((size_t)M * sizeof(float) + 63) & ~(size_t)63;
   uint8_t* mem = (uint8_t*)aligned_alloc(64, qbytes + 2 * rbytes);
   if (!mem) return -1;
@@ -169,15 +185,30 @@ int ak_dense_u8s8_f32(const float* x, int64_t M, int64_t K, const int8_t* wq, co
   int32_t* a_zp = (int32_t*)(mem + qbytes + rbytes);
   const int pool = ak_num_threads();
   const int threads = tune.threads > 0 && tune.threads < pool ? tune.threads : pool;
-  ak_quant_job qj = {x, K, ldq, mem, a_scale, a_zp, xq, i8};
-  ak_parallel_range_n(quant_range, &qj, M, M * K >= 16384 ? threads : 1);
+  if (x_u8) {
+    for (int64_t r = 0; r < M; ++r) {
+      a_scale[r] = xq[0];
+      a_zp[r] = (int32_t)xq[1];
+    }
+  } else {
+    ak_quant_job qj = {(const float*)x, K, ldq, mem, a_scale, a_zp, xq, i8};
+    ak_parallel_range_n(quant_range, &qj, M, M * K >= 16384 ? threads : 1);
+  }
   ak_i8_job j;
   memset(&j, 0, sizeof(j));
-  j.q = mem; j.a_scale = a_scale; j.a_zp = a_zp; j.wq = wq;
-  j.w_scale = qp; j.w_sum = qp + P * AK_NR; j.bias = bias; j.res = res; j.out = out;
+  j.q = x_u8 ? (const uint8_t*)x : mem; j.a_scale = a_scale; j.a_zp = a_zp; j.wq = wq;
+  j.w_scale = qp; j.w_sum = qp + P * AK_NR; j.bias = bias; j.res = res;
+  if (yq) {
+    j.out_u8 = (uint8_t*)out;
+    j.y_inv = 1.f / yq[0];
+    j.y_zp = (int32_t)yq[1];
+    j.res = NULL;
+  } else {
+    j.out = (float*)out;
+  }
   j.M = M; j.N = N; j.K4 = K4; j.ldq = ldq; j.P = P;
   j.epi = epi;
-  j.ukr = i8->ukr;
+  j.i8 = i8;
   /* row chunks: enough items for every thread (grain x threads), whole micro-tiles */
   const int64_t want = (int64_t)(tune.grain > 0 ? tune.grain : 4) * threads;
   int64_t mchunks = P >= want ? 1 : (want + P - 1) / P;
