@@ -141,40 +141,66 @@ def weight_digest(w) -> str:
     return hashlib.sha256(f"{w.shape}".encode() + w.tobytes()).hexdigest()[:24]
 
 
-def dense_layers(proto) -> list[dict[str, Any]]:
-    """The MatMul/Gemm nodes of an ONNX model whose second operand is a 2-D float initializer
-    (what the dense patterns offload), and its 1x1 stride-1 unpadded ungrouped Convs (which int8
-    runs as dense layers over the pixels): node name, op, input name, weight [K, N], digests."""
+def int8_layers(proto, ops: Sequence[str] = ("MatMul", "Gemm", "Conv")) -> list[dict[str, Any]]:
+    """The layers of an ONNX model that the int8 patterns take: MatMul/Gemm whose second operand
+    is a 2-D float initializer, and ungrouped Convs with a float initializer weight. Per layer:
+    node name, op, input name, weight [K, N] as the patterns see it (a Conv's over K = (ky, kx,
+    c): cpu.conv_weight_matrix), the digests they identify it by (keep_fp32, calibrated ranges),
+    and for a Conv its window (kernel, strides, pads, dilations) or None when auto_pad sets it."""
     import numpy as np
     from onnx import numpy_helper
+
+    from accelkit.backends.cpu import conv_weight_matrix
 
     inits = {t.name: t for t in proto.graph.initializer}
     layers = []
     for i, node in enumerate(proto.graph.node):
-        if node.op_type not in ("MatMul", "Gemm", "Conv") or len(node.input) < 2 or node.input[1] not in inits:
+        if node.op_type not in ops or len(node.input) < 2 or node.input[1] not in inits:
             continue
         attrs = {a.name: a for a in node.attribute}
-        if node.op_type == "Conv":
-            w = numpy_helper.to_array(inits[node.input[1]])
-            ints = {k: list(a.ints) if a.ints else a.i for k, a in attrs.items()}
-            if (w.ndim != 4 or w.shape[2:] != (1, 1) or ints.get("group", 1) != 1
-                    or any(v != 1 for v in ints.get("strides", [1, 1]))
-                    or any(v != 0 for v in ints.get("pads", [0, 0, 0, 0]))):
-                continue
-            w = w[:, :, 0, 0].T.astype(np.float32)
-            layers.append({"node": node.name or f"Conv_{i}", "op": "Conv", "input": node.input[0],
-                           "weight": w, "digests": {weight_digest(w), weight_digest(w.T)}})
-            continue
-        if node.op_type == "Gemm" and "transA" in attrs and attrs["transA"].i:
-            continue
         w = numpy_helper.to_array(inits[node.input[1]])
-        if w.ndim != 2 or w.dtype.kind != "f":
+        if w.dtype.kind != "f":
+            continue
+        name = node.name or f"{node.op_type}_{i}"
+        if node.op_type == "Conv":
+            if w.ndim != 4 or (attrs["group"].i if "group" in attrs else 1) != 1:
+                continue
+            matrix = conv_weight_matrix(w.astype(np.float32))
+            ints = {k: list(a.ints) for k, a in attrs.items() if a.ints}
+            auto_pad = attrs["auto_pad"].s.decode() if "auto_pad" in attrs else "NOTSET"
+            window = None
+            if auto_pad in ("NOTSET", "VALID"):
+                window = {"kernel": tuple(w.shape[2:]), "strides": tuple(ints.get("strides", [1, 1])),
+                          "pads": tuple(ints.get("pads", [0, 0, 0, 0])) if auto_pad == "NOTSET" else (0, 0, 0, 0),
+                          "dilations": tuple(ints.get("dilations", [1, 1]))}
+            layers.append({"node": name, "op": "Conv", "input": node.input[0], "weight": matrix,
+                           "digests": {weight_digest(matrix)}, "window": window})
+            continue
+        if (node.op_type == "Gemm" and "transA" in attrs and attrs["transA"].i) or w.ndim != 2:
             continue
         if node.op_type == "Gemm" and "transB" in attrs and attrs["transB"].i:
             w = w.T
-        layers.append({"node": node.name or f"{node.op_type}_{i}", "op": node.op_type, "input": node.input[0],
-                       "weight": w.astype(np.float32), "digests": {weight_digest(w), weight_digest(w.T)}})
+        layers.append({"node": name, "op": node.op_type, "input": node.input[0], "weight": w.astype(np.float32),
+                       "digests": {weight_digest(w), weight_digest(w.T)}})
     return layers
+
+
+def _windows(a, window):
+    """A Conv's NCHW input -> the rows its int8 kernel quantizes: one per output pixel, K =
+    (ky, kx, c) (the im2col of the channels-last conv)."""
+    import numpy as np
+
+    a = np.moveaxis(np.asarray(a, np.float32), 1, -1)  # NHWC
+    (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = (window["kernel"], window["strides"], window["pads"],
+                                                      window["dilations"])
+    n, h, w, c = a.shape
+    padded = np.zeros((n, h + pt + pb, w + pl + pr, c), np.float32)
+    padded[:, pt:pt + h, pl:pl + w] = a
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    taps = [padded[:, ky * dh: ky * dh + sh * (oh - 1) + 1: sh, kx * dw: kx * dw + sw * (ow - 1) + 1: sw]
+            for ky in range(kh) for kx in range(kw)]
+    return np.concatenate(taps, axis=-1).reshape(n * oh * ow, kh * kw * c)
 
 
 def _int8_product_error(a, w) -> float:
@@ -221,13 +247,16 @@ def _intermediates(proto, batches: Sequence[Mapping[str, Any]], what: str):
 
 
 def layer_errors(proto, batches: Sequence[Mapping[str, Any]], precision: str) -> list[dict[str, Any]]:
-    """Each dense layer's own quantization error on the batches (onnx's reference evaluator
-    gives every layer's input), worst first. bf16/fp16 layers: the weights' rounding error."""
+    """Each reduced-precision layer's own error on the batches (onnx's reference evaluator gives
+    every layer's input), worst first. int8: the int8 kernels' product (rows to u8, channels to
+    s8) on the layer's rows, a Conv's windows (every ungrouped conv: int8 runs them all);
+    bf16/fp16 (dense layers only): the weights' rounding error."""
     import numpy as np
 
     from accelkit.backends.cpu import from_16bit, to_16bit
 
-    layers = dense_layers(proto)
+    layers = int8_layers(proto) if precision == "int8" else int8_layers(proto, ("MatMul", "Gemm"))
+    layers = [layer for layer in layers if layer["op"] != "Conv" or layer["window"] is not None]
     if not layers:
         return []
     errors = {layer["node"]: 0.0 for layer in layers}
@@ -236,8 +265,8 @@ def layer_errors(proto, batches: Sequence[Mapping[str, Any]], precision: str) ->
             a = values.get(layer["input"])
             if a is None:
                 continue
-            if layer["op"] == "Conv":  # NCHW -> pixels x channels
-                a = np.moveaxis(np.asarray(a), 1, -1)
+            if layer["op"] == "Conv":
+                a = _windows(a, layer["window"])
             w = layer["weight"]
             if precision == "int8":
                 e = _int8_product_error(a, w)
@@ -257,31 +286,6 @@ def layer_errors(proto, batches: Sequence[Mapping[str, Any]], precision: str) ->
 CALIBRATION_METHODS = ("auto", "dynamic", "minmax", "percentile", "entropy")
 PERCENTILE = 99.99  # the percentile method keeps this share of each input's values in range
 _SAMPLE = 1 << 20  # values per tensor and batch kept for the percentile/entropy methods
-
-
-def int8_layers(proto, ops: Sequence[str] = ("MatMul", "Gemm", "Conv")) -> list[dict[str, Any]]:
-    """The layers int8 can run whose input ranges calibration sets: MatMul/Gemm with a 2-D float
-    initializer weight (dense_layers) and every ungrouped Conv with an initializer weight; node,
-    op, input name and the digests the backend's patterns look the range up by."""
-    import numpy as np
-    from onnx import numpy_helper
-
-    from accelkit.backends.cpu import conv_weight_matrix
-
-    layers = [layer for layer in dense_layers(proto) if layer["op"] != "Conv" and layer["op"] in ops]
-    if "Conv" not in ops:
-        return layers
-    inits = {t.name: t for t in proto.graph.initializer}
-    for i, node in enumerate(proto.graph.node):
-        if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in inits:
-            continue
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        w = numpy_helper.to_array(inits[node.input[1]])
-        if group != 1 or w.ndim != 4 or w.dtype.kind != "f":
-            continue
-        layers.append({"node": node.name or f"Conv_{i}", "op": "Conv", "input": node.input[0],
-                       "digests": {weight_digest(conv_weight_matrix(w.astype(np.float32)))}})
-    return layers
 
 
 def activation_ranges(proto, batches: Sequence[Mapping[str, Any]], method: str,

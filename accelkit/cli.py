@@ -106,7 +106,7 @@ def _compile_args(p):
                         "few-row, weight-bound dense layers); a reduced precision's accuracy against "
                         "fp32 is measured and printed")
     p.add_argument("--accuracy", type=float, metavar="MIN_COSINE",
-                   help="with a reduced precision: keep the dense layers it hurts most in fp32 until "
+                   help="with a reduced precision: keep the layers it hurts most in fp32 until "
                         "every output's cosine to fp32 is at least this (e.g. 0.99)")
     p.add_argument("--sparsity", type=float, metavar="FRACTION",
                    help="prune this fraction of each layer's weights (smallest magnitudes) and report "

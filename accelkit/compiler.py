@@ -44,9 +44,10 @@ def compile_model(
           for convolutions, dynamic rows for MatMul/Gemm (transformer activations have
           outlier channels a per-tensor range would crush).
     accuracy: the least cosine similarity to fp32 every output must keep (e.g. 0.99). When the
-          reduced build falls short, the dense layers whose own quantization error is largest
-          are kept in fp32, a few more per rebuild, until it holds; manifest["accuracy"] lists
-          them ("kept_fp32") with their errors.
+          reduced build falls short, the layers whose own quantization error is largest (int8:
+          dense layers and convolutions; bf16/fp16: dense layers) are kept in fp32, a few more
+          per rebuild, until it holds; manifest["accuracy"] lists them ("kept_fp32") with their
+          errors.
     sparsity: prune that fraction of each MatMul/Gemm/Conv weight (smallest magnitudes) before
           compiling; manifest["pruning"] reports the accuracy against the unpruned model and
           the speed (accelkit has no sparse kernel: unchanged).
@@ -137,7 +138,7 @@ def compile_model(
 
 def _meet_accuracy(compiled, budget: float, model, be, precision, input_shapes, cache, options, *,
                    apply_tuning: bool, calibration, method: str = "dynamic"):
-    """Rebuild with the most quantization-sensitive dense layers in fp32 (worst first: 1, 3, 7,
+    """Rebuild with the most quantization-sensitive layers in fp32 (worst first: 1, 3, 7,
     ... of them, then a bisection back to the fewest that hold) until every output's cosine to
     fp32 is at least `budget`."""
     import logging
@@ -182,14 +183,14 @@ def _meet_accuracy(compiled, budget: float, model, be, precision, input_shapes, 
     met = report.get("min_cosine", 0.0) >= budget
     if not met:
         logging.getLogger("accelkit").warning(
-            "accuracy=%s not met: min cosine %.5f with %d dense layer(s) in fp32 (all of them); the rest of "
-            "the %s build (not the dense layers) stays as it is", budget, report.get("min_cosine", 0.0),
+            "accuracy=%s not met: min cosine %.5f with %d layer(s) in fp32 (all it ranks); the rest of "
+            "the %s build stays as it is", budget, report.get("min_cosine", 0.0),
             len(kept), precision)
     compiled.manifest["accuracy"] = {
         **report, "budget": budget, "met": met,
         "kept_fp32": [{"node": layer["node"], "op": layer["op"], "layer_error": layer["layer_error"],
                        "why": f"its own {precision} error, {layer['layer_error']:.2e} relative, is among the "
-                              f"largest of the model's {len(ranked)} dense layers"} for layer in kept],
+                              f"largest of the model's {len(ranked)} {precision} layers"} for layer in kept],
     }
     return compiled
 

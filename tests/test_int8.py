@@ -380,9 +380,46 @@ def test_int8_runs_1x1_convolutions_as_dense_layers_and_the_others_in_the_int8_c
     assert offloaded.get("cpu.conv1x1_i8_bias_relu") == 1 and offloaded.get("cpu.conv1x1_i8_bias_add_pre_relu") == 1
     assert offloaded.get("cpu.conv2d_nhwc_i8_bias_relu") == 1 and offloaded.get("cpu.conv2d_nhwc_i8_bias") == 1
     assert model.manifest["accuracy"]["min_cosine"] > 0.999
-    from accelkit.accuracy import dense_layers
+    from accelkit.accuracy import int8_layers
 
-    assert [layer["node"] for layer in dense_layers(proto)] == ["reduce", "expand"]
+    layers = {layer["node"]: layer for layer in int8_layers(proto)}
+    assert list(layers) == ["reduce", "spatial", "expand", "down"]
+    assert layers["spatial"]["window"] == {"kernel": (3, 3), "strides": (1, 1), "pads": (1, 1, 1, 1),
+                                           "dilations": (1, 1)}
+    assert layers["down"]["window"]["strides"] == (2, 2) and layers["down"]["weight"].shape == (32, 40)
+
+
+def test_accuracy_budget_rescues_a_3x3_convolution_int8_breaks():
+    """conv1 (3x3) gives one channel a bias of 3000 that conv2 (3x3) ignores (its weights for
+    that channel are 0): conv2's input grid then has a step of about 12 and int8 breaks it.
+    accuracy= ranks every int8 convolution by its windows' own error and keeps conv2 in fp32."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import accelkit
+    from conftest import make_model
+
+    rng = np.random.default_rng(45)
+    w1 = (rng.standard_normal((24, 16, 3, 3)) / 12).astype(np.float32)
+    b1 = (rng.standard_normal(24) * 0.1).astype(np.float32)
+    b1[0] = 3000.0
+    w2 = (rng.standard_normal((32, 24, 3, 3)) / 14).astype(np.float32)
+    w2[:, 0] = 0.0
+    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "W2"], ["y"], pads=[1, 1, 1, 1], name="conv2")]
+    F = TensorProto.FLOAT
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 16, 8, 8])],
+                       [helper.make_tensor_value_info("y", F, [1, 32, 8, 8])],
+                       [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(b1, "B1"),
+                        numpy_helper.from_array(w2, "W2")])
+    plain = accelkit.compile(proto, cache=False, precision="int8")
+    assert plain.manifest["accuracy"]["min_cosine"] < 0.9
+    rescued = accelkit.compile(proto, cache=False, precision="int8", accuracy=0.99)
+    a = rescued.manifest["accuracy"]
+    assert a["met"] and a["min_cosine"] >= 0.99
+    assert [k["node"] for k in a["kept_fp32"]] == ["conv2"] and a["kept_fp32"][0]["op"] == "Conv"
+    offloaded = rescued.manifest["offloaded"]
+    assert sum(v for k, v in offloaded.items() if "_i8" in k) == 1  # conv1 stays int8
 
 
 # ---- int8 input ranges: dynamic rows, or calibrated per layer -----------------------------------
@@ -627,7 +664,7 @@ def test_a_qdq_model_runs_the_int8_kernels_on_its_own_grid(tmp_path):
     from accelkit.accuracy import layer_errors
 
     ranked = layer_errors(frontend.prepare(path).proto, [x], "int8")
-    assert sorted(layer["node"] for layer in ranked) == ["expand", "reduce"]
+    assert sorted(layer["node"] for layer in ranked) == ["down", "expand", "reduce", "spatial"]
     assert all(layer["layer_error"] > 0 for layer in ranked)
 
 
