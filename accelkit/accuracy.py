@@ -285,7 +285,7 @@ def layer_errors(proto, batches: Sequence[Mapping[str, Any]], precision: str) ->
 
 CALIBRATION_METHODS = ("auto", "dynamic", "minmax", "percentile", "entropy")
 PERCENTILE = 99.99  # the percentile method keeps this share of each input's values in range
-_SAMPLE = 1 << 20  # values per tensor and batch kept for the percentile/entropy methods
+_SAMPLE = 1 << 21  # values per layer input kept (over all batches) for the percentile/entropy methods
 
 
 def activation_ranges(proto, batches: Sequence[Mapping[str, Any]], method: str,
@@ -319,8 +319,9 @@ def activation_ranges(proto, batches: Sequence[Mapping[str, Any]], method: str,
             if not a.size:
                 continue
             lo[name], hi[name] = min(lo[name], float(a.min())), max(hi[name], float(a.max()))
-            if method != "minmax":
-                samples[name].append(a if a.size <= _SAMPLE else rng.choice(a, _SAMPLE, replace=False))
+            if method != "minmax":  # at most _SAMPLE values per layer over all the batches
+                take = max(_SAMPLE // len(batches), 1)
+                samples[name].append(a if a.size <= take else rng.choice(a, take, replace=False))
     result = []
     for layer in layers:
         name = layer["input"]
@@ -360,7 +361,7 @@ def _entropy_threshold(v, levels: int, bins: int = 2048) -> float:
         p[-1] += hist[i:].sum()
         starts = (np.arange(levels) * i) // levels
         merged = np.add.reduceat(hist[:i], starts)
-        nonzero = hist[:i] > 0
+        nonzero = p > 0  # after the tail is folded in: its bin holds mass even where hist has none
         counts = np.add.reduceat(nonzero.astype(np.float64), starts)
         level = np.repeat(np.arange(levels), np.diff(np.append(starts, i)))
         q = np.where(nonzero, merged[level] / np.maximum(counts[level], 1), 0.0)

@@ -40,9 +40,11 @@ def compile_model(
           token) quantized with its own range when the layer runs; "minmax", "percentile",
           "entropy": one range per layer input, from the calibration batches at compile time
           (accelkit.accuracy.activation_ranges; a convolution then quantizes its input image
-          once instead of every window); "auto" (default): the calibrated percentile range
-          for convolutions, dynamic rows for MatMul/Gemm (transformer activations have
-          outlier channels a per-tensor range would crush).
+          once instead of every window; they need calibration=); "auto" (default): with
+          calibration data the calibrated percentile range for convolutions, dynamic rows for
+          MatMul/Gemm (transformer activations have outlier channels a per-tensor range would
+          crush); without it dynamic rows everywhere. A pre-quantized (QDQ) model's own
+          ranges are used whatever the method.
     accuracy: the least cosine similarity to fp32 every output must keep (e.g. 0.99). When the
           reduced build falls short, the layers whose own quantization error is largest (int8:
           dense layers and convolutions; bf16/fp16: dense layers) are kept in fp32, a few more
@@ -90,6 +92,10 @@ def compile_model(
                               f"{', '.join(CALIBRATION_METHODS)}")
         if precision != "int8":
             raise OptionError(f"calibration_method= sets int8 activation ranges; precision is {precision!r}")
+        if calibration_method in ("minmax", "percentile", "entropy") and calibration is None:
+            raise OptionError(f"calibration_method={calibration_method!r} sets each int8 layer's input range "
+                              f"from the calibration batches: pass calibration= (a few batches of real "
+                              f"inputs), or use 'dynamic' (each row's own range, no data needed)")
     if calibration is not None and precision == "fp32":
         raise OptionError("calibration= is for reduced precisions (int8, bf16, fp16); an fp32 build "
                           "needs no calibration data")
@@ -391,8 +397,12 @@ def _calibrate(graph, compile_options, accuracy: _Accuracy | None, qdq: dict):
     report = {"method": method, "inputs": None, "batches": 0}
     ops = ("Conv",) if method == "auto" else ("MatMul", "Gemm", "Conv")
     done = {layer["node"] for layer in layers}
-    if method != "dynamic" and any(layer["node"] not in done for layer in acc.int8_layers(graph.proto, ops)):
-        batches = accuracy.batches(graph.inputs) if accuracy is not None else None
+    batches = accuracy.batches(graph.inputs) if accuracy is not None else None
+    # auto without calibration data: dynamic rows (ranges from random inputs would not be the
+    # ranges of real ones: a model fed 0..255 pixels would saturate); compile_model refuses an
+    # explicit static method without data
+    if (method != "dynamic" and (batches or method != "auto")
+            and any(layer["node"] not in done for layer in acc.int8_layers(graph.proto, ops))):
         report["inputs"] = "calibration" if batches else "random"
         if not batches:
             batches = acc.random_batches(inputs=graph.inputs, index_bounds=index_bounds(graph.proto))
@@ -400,7 +410,13 @@ def _calibrate(graph, compile_options, accuracy: _Accuracy | None, qdq: dict):
         rule = "percentile" if method == "auto" else method
         layers += [{**r, "source": rule} for r in acc.activation_ranges(graph.proto, batches, rule, ops)
                    if r["node"] not in done]
-    table = tuple((d, r["lo"], r["hi"]) for r in layers for d in r["digests"])
+    # a weight shared by several layers (tied weights): one range holding all of theirs
+    merged: dict[str, tuple[float, float]] = {}
+    for r in layers:
+        for d in r["digests"]:
+            lo, hi = merged.get(d, (r["lo"], r["hi"]))
+            merged[d] = (min(lo, r["lo"]), max(hi, r["hi"]))
+    table = tuple((d, lo, hi) for d, (lo, hi) in sorted(merged.items()))
     report["layers"] = [{"node": r["node"], "op": r["op"], "lo": r["lo"], "hi": r["hi"], "source": r["source"]}
                         for r in layers]
     return dataclasses.replace(compile_options, act_ranges=table), report

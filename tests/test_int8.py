@@ -268,11 +268,13 @@ def test_int8_on_the_command_line(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "accuracy budget: min cosine 0.99 met; kept in fp32: mm2 (MatMul, own error" in done.stdout
     assert "int8 input ranges: auto; every int8 layer per row at run time" in done.stdout  # no convolution
+    data = tmp_path / "calibration.npz"
+    np.savez(data, x=np.random.default_rng(9).standard_normal((3, 2, 7, 48)).astype(np.float32))
     done = subprocess.run([sys.executable, "-m", "accelkit", "compile", str(path), "--precision", "int8",
-                           "--calibration-method", "minmax"], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env_cache})
+                           "--calibration-method", "minmax", "--calibration", str(data)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **env_cache})
     assert done.returncode == 0, done.stderr
-    assert "int8 input ranges: minmax; 2 calibrated on 4 random batches; the other int8" in done.stdout
+    assert "int8 input ranges: minmax; 2 calibrated on 3 calibration batches; the other int8" in done.stdout
 
 
 # ---- accuracy=: the layer int8 breaks is kept in fp32 ------------------------------------------
@@ -496,18 +498,21 @@ def test_calibration_method_is_in_the_cache_key(tmp_path, monkeypatch):
 
     monkeypatch.setenv("ACCELKIT_CACHE_DIR", str(tmp_path / "cache"))
     proto = _bottleneck_model()
-    first = accelkit.compile(proto, precision="int8", calibration_method="minmax")
+    data = {"x": np.random.default_rng(23).standard_normal((2, 1, 32, 10, 10)).astype(np.float32)}
+    first = accelkit.compile(proto, precision="int8", calibration=data, calibration_method="minmax")
     assert first.cache_status == "miss"
-    assert accelkit.compile(proto, precision="int8", calibration_method="minmax").cache_status == "hit"
-    other = accelkit.compile(proto, precision="int8", calibration_method="percentile")
+    assert accelkit.compile(proto, precision="int8", calibration=data, calibration_method="minmax").cache_status == "hit"
+    other = accelkit.compile(proto, precision="int8", calibration=data, calibration_method="percentile")
     assert other.cache_status == "miss" and other.manifest["calibration"]["method"] == "percentile"
-    assert accelkit.compile(proto, precision="int8").cache_status == "miss"  # auto
+    assert accelkit.compile(proto, precision="int8", calibration=data).cache_status == "miss"  # auto
 
 
 @pytest.mark.parametrize("precision, method, message", [
     ("int8", "kl", "unknown calibration_method 'kl'; choose one of auto, dynamic, minmax, percentile, entropy"),
     ("fp32", "minmax", "calibration_method= sets int8 activation ranges; precision is 'fp32'"),
     ("bf16", "minmax", "calibration_method= sets int8 activation ranges; precision is 'bf16'"),
+    ("int8", "entropy", r"calibration_method='entropy' sets each int8 layer's input range from the calibration "
+                        r"batches: pass calibration="),
 ])
 def test_bad_calibration_method_is_refused(precision, method, message):
     import accelkit
@@ -786,12 +791,15 @@ def test_int8_layers_pass_u8_activations_to_each_other(tmp_path):
     from accelkit.backends import cpu
 
     proto = _bottleneck_model()
-    chained = accelkit.compile(proto, cache=False, precision="int8")
+    data = {"x": np.random.default_rng(24).standard_normal((3, 1, 32, 10, 10)).astype(np.float32)}
+    chained = accelkit.compile(proto, cache=False, precision="int8", calibration=data)
     assert chained.manifest["int8_u8_edges"] == 2
+    # without calibration data, auto quantizes rows dynamically: no grid to write u8 on
+    assert accelkit.compile(proto, cache=False, precision="int8").manifest["int8_u8_edges"] == 0
     original = cpu.CPUBackend.after_offload
     try:
         cpu.CPUBackend.after_offload = lambda self, mod, options: (mod, {})
-        plain = accelkit.compile(proto, cache=False, precision="int8")
+        plain = accelkit.compile(proto, cache=False, precision="int8", calibration=data)
     finally:
         cpu.CPUBackend.after_offload = original
     assert "int8_u8_edges" not in plain.manifest
@@ -804,8 +812,8 @@ def test_int8_layers_pass_u8_activations_to_each_other(tmp_path):
     chained.save(str(tmp_path / "m.akx"))  # the u8 edges survive the artifact
     np.testing.assert_array_equal(accelkit.load(str(tmp_path / "m.akx")).run(x)[0], got)
     # dynamic rows have no grid to write on: nothing is chained
-    assert accelkit.compile(proto, cache=False, precision="int8", calibration_method="dynamic").manifest[
-        "int8_u8_edges"] == 0
+    assert accelkit.compile(proto, cache=False, precision="int8", calibration=data,
+                            calibration_method="dynamic").manifest["int8_u8_edges"] == 0
 
 
 def test_a_layer_read_twice_keeps_its_fp32_output():
@@ -828,7 +836,55 @@ def test_a_layer_read_twice_keeps_its_fp32_output():
     proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 32, 8, 8])],
                        [helper.make_tensor_value_info("y", F, [1, 32, 8, 8])],
                        [w("Wa", 32, 32, 3, 3), w("Wb", 32, 32, 3, 3), w("Wc", 32, 32, 3, 3)])
-    model = accelkit.compile(proto, cache=False, precision="int8")
+    data = {"x": rng.standard_normal((2, 1, 32, 8, 8)).astype(np.float32)}
+    model = accelkit.compile(proto, cache=False, precision="int8", calibration=data)
     assert sum(v for k, v in model.manifest["offloaded"].items() if "_i8" in k) == 3
-    assert model.manifest["int8_u8_edges"] == 0
+    assert len(model.manifest["calibration"]["layers"]) == 3 and model.manifest["int8_u8_edges"] == 0
     assert model.manifest["accuracy"]["min_cosine"] > 0.999
+
+
+def test_a_layer_read_as_x_and_residual_by_one_call_stays_fp32():
+    """z = y @ W2 + y: the int8 call reads y twice (x and the residual), so y stays float32."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import accelkit
+    from conftest import make_model
+
+    rng = np.random.default_rng(46)
+    F = TensorProto.FLOAT
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["m"]), helper.make_node("Relu", ["m"], ["y"]),
+             helper.make_node("MatMul", ["y", "W2"], ["m2"]), helper.make_node("Add", ["m2", "y"], ["z"])]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [16, 32])],
+                       [helper.make_tensor_value_info("z", F, [16, 48])],
+                       [numpy_helper.from_array((rng.standard_normal((32, 48)) / 6).astype(np.float32), "W1"),
+                        numpy_helper.from_array((rng.standard_normal((48, 48)) / 7).astype(np.float32), "W2")])
+    data = {"x": rng.standard_normal((3, 16, 32)).astype(np.float32)}
+    model = accelkit.compile(proto, cache=False, precision="int8", calibration=data, calibration_method="minmax")
+    assert sum(v for k, v in model.manifest["offloaded"].items() if "_i8" in k) == 2
+    assert model.manifest["int8_u8_edges"] == 0
+    x = {"x": data["x"][0]}
+    assert _cosine(model.run(x)[0], accelkit.compile(proto, cache=False).run(x)[0]) > 0.999
+
+
+def test_layers_that_share_a_weight_get_one_range_holding_both():
+    """One weight W read by two MatMuls whose inputs differ 5x in scale: both quantize on the
+    union of their ranges (the patterns find a layer's range by its weight), not on the last
+    one's, which would clip the first layer's input at a fifth of its range."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import accelkit
+    from conftest import make_model
+
+    rng = np.random.default_rng(47)
+    F = TensorProto.FLOAT
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Mul", ["a", "s"], ["b"]),
+             helper.make_node("MatMul", ["b", "W"], ["y"])]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [16, 40])],
+                       [helper.make_tensor_value_info("y", F, [16, 40])],
+                       [numpy_helper.from_array((rng.standard_normal((40, 40)) / 6).astype(np.float32), "W"),
+                        numpy_helper.from_array(np.array(0.2, np.float32), "s")])
+    data = {"x": rng.standard_normal((3, 16, 40)).astype(np.float32)}
+    model = accelkit.compile(proto, cache=False, precision="int8", calibration=data, calibration_method="minmax")
+    layers = model.manifest["calibration"]["layers"]
+    assert len(layers) == 2 and layers[0]["hi"] > 3 * layers[1]["hi"]
+    assert model.manifest["accuracy"]["min_cosine"] > 0.99

@@ -63,14 +63,17 @@ def quantize_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(w / scale.astype(np.float64)), -127, 127).astype(np.int8), scale
 
 
+MIN_ACT_SCALE = 1e-30  # the kernels need 1 / scale finite (they refuse smaller scales)
+
+
 def activation_qparams(lo: float, hi: float) -> np.ndarray:
     """A calibrated input range [lo, hi] -> the int8 kernels' x_qparams [scale, zero point]: the
     asymmetric u8 grid of the kernels' dynamic rows (the range widened to hold 0, which maps to
     the zero point exactly)."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     scale = np.float32((hi - lo) / 255.0)
-    if not (scale > 0 and np.isfinite(scale)):
-        scale = np.float32(1.0)
+    if not (scale >= MIN_ACT_SCALE and np.isfinite(scale)):  # all zeros, or a range too narrow
+        scale = np.float32(1.0) if not scale > 0 else np.float32(MIN_ACT_SCALE)
     zp = float(np.clip(np.rint(-lo / float(scale)), 0, 255))
     return np.array([scale, zp], np.float32)
 
@@ -566,7 +569,8 @@ def chain_int8(mod):
             kernel, args = consumer
             x, grid = args[0], _const_value(args[3])
             producer = _int8_call(var2val.get(x)) if isinstance(x, relax.Var) else None
-            if producer is None or grid is None or grid.size != 2 or uses[x] != 1:
+            if (producer is None or grid is None or grid.size != 2 or uses[x] != 1
+                    or any(a.same_as(x) for a in args[1:])):  # read twice by the one call (x and res)
                 continue
             pkernel, pargs = producer
             res_mode = pargs[INT8_KERNELS[pkernel]].value

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .fold import NameSupply, all_names, default_opset
+from .fold import NameSupply, _subgraphs, all_names, default_opset, tensor_types, used_names
 
 _LIMITS = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127)}
 
@@ -38,6 +38,17 @@ def activation_ranges(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str
         for name in node.input:
             readers.setdefault(name, []).append(node)
     outputs = {o.name for o in g.output}
+    # names read inside If/Loop bodies: a Quantize read there keeps its node
+    nested: set[str] = set()
+    for node in g.node:
+        for attr in node.attribute:
+            for sub in _subgraphs(attr):
+                used_names(sub, nested)
+    types = tensor_types(proto)
+
+    def float32(name: str) -> bool:
+        t = types.get(name)
+        return t is not None and t.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
     def scalar(name: str):
         t = inits.get(name)
@@ -53,7 +64,10 @@ def activation_ranges(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str
     bounds: list[onnx.TensorProto] = []
     ranges: dict[str, tuple[float, float]] = {}
     for node in g.node:
-        if node.op_type != "QuantizeLinear" or len(node.input) < 3 or node.output[0] in outputs:
+        # activations only: a float32 value computed by the graph (a weight's pair folds, or
+        # stays emulated), read by nothing but its DequantizeLinear nodes
+        if (node.op_type != "QuantizeLinear" or len(node.input) < 3 or node.output[0] in outputs
+                or node.output[0] in nested or node.input[0] in inits or not float32(node.input[0])):
             continue
         s, z = scalar(node.input[1]), scalar(node.input[2])
         if s is None or z is None or z[1] not in _LIMITS or not (s[0] > 0 and np.isfinite(s[0])):

@@ -148,7 +148,8 @@ void ak_softmax_f32(const float* x, float* out, int64_t rows, int64_t D, int thr
  * x_u8: x is already u8 on the grid xq (the previous int8 layer's output; K % 4 == 0): used
  * as it is. yq: NULL (out is float32), or {scale, zp}: out is u8, the epilogue's result
  * quantized on that grid (the next int8 layer's input; no residual then).
- * Returns 0, or -1 when the scratch memory could not be allocated. */
+ * Returns 0, -1 when the scratch memory could not be allocated, -2 for a u8 x without xq (or
+ * K % 4 != 0): the FFI refuses those first. */
 int ak_dense_u8s8_f32(const void* x, int x_u8, int64_t M, int64_t K, const int8_t* wq,
                       const float* qp, const float* xq, const float* yq, int64_t N,
                       const float* bias, const float* res, void* out, ak_epilogue epi,
@@ -158,7 +159,7 @@ int ak_dense_u8s8_f32(const void* x, int x_u8, int64_t M, int64_t K, const int8_
  * window (output pixel) quantized to u8 like a dense row; xq = {a_scale, zp} (calibrated): the
  * input image quantized once, u8 windows gathered from it (padding = zp, the u8 of 0.0).
  * x_u8 and yq as for ak_dense_u8s8_f32 (a u8 image on the grid xq; a u8 output on yq).
- * Returns 0, or -1 when the scratch memory could not be allocated. */
+ * Returns 0, -1 when the scratch memory could not be allocated, -2 for a u8 x without xq. */
 int ak_conv2d_nhwc_u8s8_f32(const void* x, int x_u8, const int8_t* wq, const float* qp,
                             const float* xq, const float* yq, const float* bias, const float* res,
                             void* out, int64_t n, const ak_conv_geom* g, int64_t cout,

@@ -261,9 +261,11 @@ static int ak_int8_weights(const ak_call* c, const DLTensor* w, const DLTensor* 
   return 0;
 }
 
-/* One (scale, zero point) pair: scale finite and > 0, the zero point an integer in [0, 255]. */
+/* One (scale, zero point) pair: scale finite and > 0 with a finite inverse, the zero point an
+ * integer in [0, 255]. */
 static int ak_grid_ok(const float* v) {
-  return v[0] > 0.f && isfinite(v[0]) && v[1] >= 0.f && v[1] <= 255.f && v[1] == nearbyintf(v[1]);
+  return v[0] > 0.f && isfinite(v[0]) && isfinite(1.f / v[0]) && v[1] >= 0.f && v[1] <= 255.f &&
+         v[1] == nearbyintf(v[1]);
 }
 
 /* act_qparams: [0] (x's rows each on their own range, at run time; float32 out), [2] = {scale,

@@ -607,7 +607,7 @@ static void nhwc_gather_u8(const ak_nhwc_i8_job* q, int64_t m0, int64_t rows, ui
         if (kx1 < kx0) kx1 = kx0;
         const int64_t head = kx0 * C, body = (kx1 - kx0) * C, tail = (g->KW - kx1) * C;
         memset(d, zp, (size_t)head);
-        memcpy(d + head, xi + (iy * g->W + ix0 + kx0) * C, (size_t)body);
+        if (body) memcpy(d + head, xi + (iy * g->W + ix0 + kx0) * C, (size_t)body);
         memset(d + head + body, zp, (size_t)tail);
         d += g->KW * C;
         continue;
@@ -701,8 +701,10 @@ int ak_conv2d_nhwc_u8s8_f32(const void* x, int x_u8, const int8_t* wq, const flo
   ak_nhwc_i8_job q;
   memset(&q, 0, sizeof(q));
   ak_nhwc_job* j = &q.base;
+  if (x_u8 && !xq) return -2; /* the FFI refuses it first */
   j->x = x_u8 ? NULL : (const float*)x; j->bias = bias; j->g = g;
   if (yq) {
+    epi.res_mode = AK_RES_NONE; /* a u8 out takes no residual */
     q.out_u8 = (uint8_t*)out;
     q.y_inv = 1.f / yq[0];
     q.y_zp = (int32_t)yq[1];
@@ -732,7 +734,7 @@ int ak_conv2d_nhwc_u8s8_f32(const void* x, int x_u8, const int8_t* wq, const flo
     q.xu8 = (const uint8_t*)x;
   } else if (xq) { /* a calibrated range: quantize the image once */
     const int64_t pixels = n * g->H * g->W;
-    image = (uint8_t*)aligned_alloc(64, ((size_t)(pixels * g->C) + 63) & ~(size_t)63);
+    image = (uint8_t*)aligned_alloc(64, ((size_t)(pixels * g->C) + 64) & ~(size_t)63);
     if (!image) return -1;
     q.x_scale = xq[0];
     q.x_zp = (int32_t)xq[1];

@@ -174,6 +174,8 @@ int ak_dense_u8s8_f32(const void* x, int x_u8, int64_t M, int64_t K, const int8_
                       const float* bias, const float* res, void* out, ak_epilogue epi,
                       ak_tuning tune) {
   if (M <= 0 || N <= 0) return 0;
+  if (x_u8 && (!xq || K % 4 != 0)) return -2; /* the FFI refuses these first */
+  if (yq) epi.res_mode = AK_RES_NONE;        /* a u8 out takes no residual */
   const ak_int8_table* i8 = ak_int8();
   const int64_t K4 = (K + 3) / 4, ldq = K4 * 4, P = (N + AK_NR - 1) / AK_NR;
   /* u8 rows given (x_u8, K % 4 == 0 checked by the caller): no copy, only the row grids */
