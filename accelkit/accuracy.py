@@ -91,15 +91,13 @@ def digest(batches: Sequence[Mapping[str, Any]] | None) -> str | None:
     return h.hexdigest()
 
 
-def random_batches(compiled=None, *, inputs=None, index_bounds=None) -> list[dict[str, Any]]:
-    """What accuracy is measured (and int8 calibrated) on without calibration data:
-    RANDOM_BATCHES batches of bench.random_feeds for a CompiledModel's inputs (or the given
-    input specs), token ids within their tables (the index bounds)."""
+def random_batches(compiled) -> list[dict[str, Any]]:
+    """What accuracy is measured on without calibration data: RANDOM_BATCHES batches of
+    bench.random_feeds (token ids within their tables, from the manifest's index bounds)."""
     from accelkit.bench import random_feeds
 
-    if compiled is not None:
-        inputs, index_bounds = compiled.inputs, compiled.manifest.get("index_bounds")
-    return [random_feeds(inputs, index_bounds, seed=i) for i in range(RANDOM_BATCHES)]
+    return [random_feeds(compiled.inputs, compiled.manifest.get("index_bounds"), seed=i)
+            for i in range(RANDOM_BATCHES)]
 
 
 def measure(reduced, reference, batches: Sequence[Mapping[str, Any]] | None) -> dict[str, Any]:
@@ -289,7 +287,7 @@ _SAMPLE = 1 << 21  # values per layer input kept (over all batches) for the perc
 
 
 def activation_ranges(proto, batches: Sequence[Mapping[str, Any]], method: str,
-                      ops: Sequence[str] = ("MatMul", "Gemm", "Conv")) -> list[dict[str, Any]]:
+                      ops: Sequence[str] = ("MatMul", "Gemm", "Conv"), layers=None) -> list[dict[str, Any]]:
     """Each int8 layer's input range [lo, hi] from the batches (onnx's reference evaluator gives
     every layer's input), by `method`:
     - minmax: the least and greatest value seen;
@@ -297,12 +295,13 @@ def activation_ranges(proto, batches: Sequence[Mapping[str, Any]], method: str,
       outlier no longer stretches the grid of all the others);
     - entropy: the clipping threshold whose 8-bit histogram is closest to the full one in
       Kullback-Leibler divergence (TensorRT's calibration), on |x|.
+    `layers`: the int8_layers entries to calibrate (default: int8_layers(proto, ops)).
     Returns [{"node", "op", "input", "lo", "hi", "digests"}] in graph order."""
     import numpy as np
 
     if method not in ("minmax", "percentile", "entropy"):
         raise OptionError(f"calibration method {method!r}: choose minmax, percentile or entropy")
-    layers = int8_layers(proto, ops)
+    layers = int8_layers(proto, ops) if layers is None else layers
     if not layers or not batches:
         return []
     rng = np.random.default_rng(0)

@@ -385,31 +385,25 @@ def _build(model, input_shapes, be, compile_options, *, status: str, accuracy: _
 def _calibrate(graph, compile_options, accuracy: _Accuracy | None, qdq: dict):
     """The int8 layers' input ranges -> (compile options holding them, the manifest's
     "calibration"): a pre-quantized model's own (`qdq`: tensor -> range, frontend.qdq), then
-    for the other layers accelkit.accuracy.activation_ranges on the calibration batches, or on
-    random ones."""
+    for the other layers accelkit.accuracy.activation_ranges on the calibration batches."""
     from accelkit import accuracy as acc
-    from accelkit.guards import index_bounds
 
     method = compile_options.calibration_method
+    int8_layers = acc.int8_layers(graph.proto)
     layers = [{"node": layer["node"], "op": layer["op"], "lo": qdq[layer["input"]][0], "hi": qdq[layer["input"]][1],
                "digests": sorted(layer["digests"]), "source": "qdq"}
-              for layer in acc.int8_layers(graph.proto) if layer["input"] in qdq]
-    report = {"method": method, "inputs": None, "batches": 0}
+              for layer in int8_layers if layer["input"] in qdq]
     ops = ("Conv",) if method == "auto" else ("MatMul", "Gemm", "Conv")
-    done = {layer["node"] for layer in layers}
+    todo = [layer for layer in int8_layers if layer["op"] in ops and layer["input"] not in qdq]
     batches = accuracy.batches(graph.inputs) if accuracy is not None else None
-    # auto without calibration data: dynamic rows (ranges from random inputs would not be the
-    # ranges of real ones: a model fed 0..255 pixels would saturate); compile_model refuses an
-    # explicit static method without data
-    if (method != "dynamic" and (batches or method != "auto")
-            and any(layer["node"] not in done for layer in acc.int8_layers(graph.proto, ops))):
-        report["inputs"] = "calibration" if batches else "random"
-        if not batches:
-            batches = acc.random_batches(inputs=graph.inputs, index_bounds=index_bounds(graph.proto))
-        report["batches"] = len(batches)
+    report = {"method": method, "inputs": None, "batches": 0}
+    # no calibration data: dynamic rows (ranges from random inputs would not be the ranges of
+    # real ones: a model fed 0..255 pixels would saturate); compile_model refuses an explicit
+    # static method without data, so that is auto
+    if method != "dynamic" and batches and todo:
+        report.update(inputs="calibration", batches=len(batches))
         rule = "percentile" if method == "auto" else method
-        layers += [{**r, "source": rule} for r in acc.activation_ranges(graph.proto, batches, rule, ops)
-                   if r["node"] not in done]
+        layers += [{**r, "source": rule} for r in acc.activation_ranges(graph.proto, batches, rule, layers=todo)]
     # a weight shared by several layers (tied weights): one range holding all of theirs
     merged: dict[str, tuple[float, float]] = {}
     for r in layers:

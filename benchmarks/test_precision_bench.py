@@ -98,20 +98,19 @@ def _calibration_images() -> list:
 
 def _quantize_static_qdq(path: str, qpath: str) -> None:
     """onnxruntime's static int8 (QDQ, per-channel weights) calibrated on 8 random images."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    name = onnx.load(path, load_external_data=False).graph.input[0].name
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([{"input": image} for image in _calibration_images()])
+            self.batches = iter([{name: image} for image in _calibration_images()])
 
         def get_next(self):
             return next(self.batches, None)
 
-    import onnx
-
-    name = onnx.load(path, load_external_data=False).graph.input[0].name
     reader = Reader()
-    reader.batches = iter([{name: b["input"]} for b in reader.batches])
     quantize_static(path, qpath, reader, quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 

@@ -67,7 +67,7 @@ MIN_ACT_SCALE = 1e-30  # the kernels need 1 / scale finite (they refuse smaller 
 
 
 def activation_qparams(lo: float, hi: float) -> np.ndarray:
-    """A calibrated input range [lo, hi] -> the int8 kernels' x_qparams [scale, zero point]: the
+    """A calibrated input range [lo, hi] -> the int8 kernels' act_qparams [scale, zero point]: the
     asymmetric u8 grid of the kernels' dynamic rows (the range widened to hold 0, which maps to
     the zero point exactly)."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
@@ -367,7 +367,7 @@ def _kept(weight: np.ndarray, keep: frozenset) -> bool:
 
 
 def _int8_layer(x, weight: np.ndarray, keep: frozenset, ranges) -> list | None:
-    """[x, packed weight, weight qparams, x_qparams] for the int8 kernels, or None when
+    """[x, packed weight, weight qparams, act_qparams] for the int8 kernels, or None when
     compile(accuracy=) keeps the layer in fp32. `weight` is the layer's [K, N]; `ranges` maps
     weight digests to calibrated input ranges (accelkit.accuracy.activation_ranges): a layer
     found there quantizes its input with that one range, the others each row's own."""

@@ -193,6 +193,16 @@ typedef struct {
 } ak_int8_table;
 /* The int8 pieces of the path the CPU runs (the VNNI ones, or the portable reference). */
 const ak_int8_table* ak_int8(void);
+/* rows x K values of x quantized on one grid xq = {scale, zero point} into q (row stride ldq),
+ * the rows split over up to `threads` threads. */
+void ak_quant_fixed_rows(const ak_int8_table* i8, const float* x, int64_t rows, int64_t K, uint8_t* q,
+                         int64_t ldq, const float* xq, int threads);
+/* One micro-tile of a u8 output: the int8 micro-kernel into a float tile (bias, activation; no
+ * residual), each row then quantized on the grid (1 / scale = inv, zero point z) into c. */
+void ak_ukr_i8_u8(const ak_int8_table* i8, int mr, int64_t K4, const uint8_t* a, int64_t lda,
+                  const int8_t* bp, uint8_t* c, int64_t ldc, int nv, const float* a_scale,
+                  const int32_t* a_zp, const float* w_scale, const float* w_sum, const float* bias,
+                  const ak_epilogue* epi, float inv, int32_t z);
 
 /* Dense with 16-bit weights (bf16 or fp16), fp32 activations and fp32 sums, for the layers that
  * are bound by reading their weights (few rows: batch-1 GEMVs): half the bytes of fp32.

@@ -660,14 +660,10 @@ static void nhwc_i8_range(int64_t begin, int64_t end, void* ctx) {
       for (int64_t t0 = 0; t0 < rows; t0 += step) {
         const int mr = (int)(rows - t0 < step ? rows - t0 : step);
         const int64_t row = m0 + t0;
-        if (q->out_u8) { /* through a float tile, quantized row by row on the output grid */
-          float tile[AK_MR * AK_NR] __attribute__((aligned(64)));
-          q->i8->ukr(mr, q->K4, qa + t0 * q->ldq, q->ldq, panel, tile, AK_NR, nv, a_scale + t0,
-                     a_zp + t0, q->qp + n0, q->qp + j->P * AK_NR + n0, j->bias ? j->bias + n0 : NULL,
-                     NULL, AK_NR, &j->epi);
-          for (int r = 0; r < mr; ++r)
-            q->i8->quant_fixed(tile + r * AK_NR, 1, nv, q->out_u8 + (row + r) * j->cout + n0, nv,
-                               q->y_inv, q->y_zp);
+        if (q->out_u8) {
+          ak_ukr_i8_u8(q->i8, mr, q->K4, qa + t0 * q->ldq, q->ldq, panel, q->out_u8 + row * j->cout + n0,
+                       j->cout, nv, a_scale + t0, a_zp + t0, q->qp + n0, q->qp + j->P * AK_NR + n0,
+                       j->bias ? j->bias + n0 : NULL, &j->epi, q->y_inv, q->y_zp);
           continue;
         }
         q->i8->ukr(mr, q->K4, qa + t0 * q->ldq, q->ldq, panel, j->out + row * j->cout + n0, j->cout, nv,
@@ -677,21 +673,6 @@ static void nhwc_i8_range(int64_t begin, int64_t end, void* ctx) {
       }
     }
   }
-}
-
-typedef struct {
-  const float* x;
-  uint8_t* q;
-  int64_t C;
-  float inv;
-  int32_t z;
-  ak_quant_fixed_fn quant;
-} ak_image_job;
-
-static void image_range(int64_t begin, int64_t end, void* ctx) {
-  const ak_image_job* j = (const ak_image_job*)ctx;
-  j->quant(j->x + begin * j->C, 1, (end - begin) * j->C, j->q + begin * j->C, (end - begin) * j->C,
-           j->inv, j->z);
 }
 
 int ak_conv2d_nhwc_u8s8_f32(const void* x, int x_u8, const int8_t* wq, const float* qp,
@@ -738,8 +719,7 @@ int ak_conv2d_nhwc_u8s8_f32(const void* x, int x_u8, const int8_t* wq, const flo
     if (!image) return -1;
     q.x_scale = xq[0];
     q.x_zp = (int32_t)xq[1];
-    ak_image_job ij = {(const float*)x, image, g->C, 1.f / xq[0], q.x_zp, q.i8->quant_fixed};
-    ak_parallel_range_n(image_range, &ij, pixels, pixels * g->C >= 16384 ? (int)threads : 1);
+    ak_quant_fixed_rows(q.i8, (const float*)x, pixels, g->C, image, g->C, xq, (int)threads);
     q.xu8 = image;
   }
   ak_parallel_range_n(nhwc_i8_range, &q, (j->M + j->mb - 1) / j->mb * j->ngroups, (int)threads);

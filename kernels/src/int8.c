@@ -103,25 +103,36 @@ typedef struct {
   const float* x;
   int64_t K, ldq;
   uint8_t* q;
-  float* scale;
+  float* scale;  /* dynamic: each row's grid out; NULL for a fixed grid */
   int32_t* zp;
-  const float* xq; /* NULL: each row's range; else {scale, zero point} for all */
+  float inv;     /* fixed grid */
+  int32_t z;
   const ak_int8_table* i8;
 } ak_quant_job;
 
 static void quant_range(int64_t begin, int64_t end, void* ctx) {
   const ak_quant_job* j = (const ak_quant_job*)ctx;
-  if (!j->xq) {
+  if (j->scale)
     j->i8->quant_rows(j->x + begin * j->K, end - begin, j->K, j->q + begin * j->ldq, j->ldq,
                       j->scale + begin, j->zp + begin);
-    return;
-  }
-  j->i8->quant_fixed(j->x + begin * j->K, end - begin, j->K, j->q + begin * j->ldq, j->ldq,
-                     1.f / j->xq[0], (int32_t)j->xq[1]);
-  for (int64_t r = begin; r < end; ++r) {
-    j->scale[r] = j->xq[0];
-    j->zp[r] = (int32_t)j->xq[1];
-  }
+  else
+    j->i8->quant_fixed(j->x + begin * j->K, end - begin, j->K, j->q + begin * j->ldq, j->ldq, j->inv,
+                       j->z);
+}
+
+void ak_quant_fixed_rows(const ak_int8_table* i8, const float* x, int64_t rows, int64_t K, uint8_t* q,
+                         int64_t ldq, const float* xq, int threads) {
+  ak_quant_job qj = {x, K, ldq, q, NULL, NULL, 1.f / xq[0], (int32_t)xq[1], i8};
+  ak_parallel_range_n(quant_range, &qj, rows, rows * K >= 16384 ? threads : 1);
+}
+
+void ak_ukr_i8_u8(const ak_int8_table* i8, int mr, int64_t K4, const uint8_t* a, int64_t lda,
+                  const int8_t* bp, uint8_t* c, int64_t ldc, int nv, const float* a_scale,
+                  const int32_t* a_zp, const float* w_scale, const float* w_sum, const float* bias,
+                  const ak_epilogue* epi, float inv, int32_t z) {
+  float tile[AK_MR * AK_NR] __attribute__((aligned(64)));
+  i8->ukr(mr, K4, a, lda, bp, tile, AK_NR, nv, a_scale, a_zp, w_scale, w_sum, bias, NULL, AK_NR, epi);
+  for (int r = 0; r < mr; ++r) i8->quant_fixed(tile + r * AK_NR, 1, nv, c + r * ldc, nv, inv, z);
 }
 
 typedef struct {
@@ -140,11 +151,9 @@ typedef struct {
 } ak_i8_job;
 
 /* Work item = (weight panel, chunk of rows), rows inner: a thread's panels are read once, the
- * quantized rows (M x K bytes) stay in L2 while its panels sweep them. A u8 output goes
- * through a float tile on the stack, quantized row by row on the output grid. */
+ * quantized rows (M x K bytes) stay in L2 while its panels sweep them. */
 static void i8_range(int64_t begin, int64_t end, void* ctx) {
   const ak_i8_job* j = (const ak_i8_job*)ctx;
-  float tile[AK_MR * AK_NR] __attribute__((aligned(64)));
   for (int64_t idx = begin; idx < end; ++idx) {
     const int64_t p = idx / j->mchunks, mc = idx % j->mchunks;
     const int64_t n0 = p * AK_NR;
@@ -154,12 +163,9 @@ static void i8_range(int64_t begin, int64_t end, void* ctx) {
     for (int64_t m0 = m_begin; m0 < m_end; m0 += AK_MR) {
       const int mr = (int)(m_end - m0 < AK_MR ? m_end - m0 : AK_MR);
       if (j->out_u8) {
-        j->i8->ukr(mr, j->K4, j->q + m0 * j->ldq, j->ldq, panel, tile, AK_NR, nv, j->a_scale + m0,
-                   j->a_zp + m0, j->w_scale + n0, j->w_sum + n0, j->bias ? j->bias + n0 : NULL, NULL,
-                   AK_NR, &j->epi);
-        for (int r = 0; r < mr; ++r)
-          j->i8->quant_fixed(tile + r * AK_NR, 1, nv, j->out_u8 + (m0 + r) * j->N + n0, nv, j->y_inv,
-                             j->y_zp);
+        ak_ukr_i8_u8(j->i8, mr, j->K4, j->q + m0 * j->ldq, j->ldq, panel, j->out_u8 + m0 * j->N + n0,
+                     j->N, nv, j->a_scale + m0, j->a_zp + m0, j->w_scale + n0, j->w_sum + n0,
+                     j->bias ? j->bias + n0 : NULL, &j->epi, j->y_inv, j->y_zp);
         continue;
       }
       j->i8->ukr(mr, j->K4, j->q + m0 * j->ldq, j->ldq, panel, j->out + m0 * j->N + n0, j->N, nv,
@@ -187,13 +193,14 @@ int ak_dense_u8s8_f32(const void* x, int x_u8, int64_t M, int64_t K, const int8_
   int32_t* a_zp = (int32_t*)(mem + qbytes + rbytes);
   const int pool = ak_num_threads();
   const int threads = tune.threads > 0 && tune.threads < pool ? tune.threads : pool;
-  if (x_u8) {
+  if (xq) { /* one grid: the rows as given (u8) or quantized on it */
     for (int64_t r = 0; r < M; ++r) {
       a_scale[r] = xq[0];
       a_zp[r] = (int32_t)xq[1];
     }
+    if (!x_u8) ak_quant_fixed_rows(i8, (const float*)x, M, K, mem, ldq, xq, threads);
   } else {
-    ak_quant_job qj = {(const float*)x, K, ldq, mem, a_scale, a_zp, xq, i8};
+    ak_quant_job qj = {(const float*)x, K, ldq, mem, a_scale, a_zp, 0.f, 0, i8};
     ak_parallel_range_n(quant_range, &qj, M, M * K >= 16384 ? threads : 1);
   }
   ak_i8_job j;
