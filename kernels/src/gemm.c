@@ -412,8 +412,13 @@ AK_SHORT_COPIES static void nhwc_gather(const ak_nhwc_job* j, int64_t m0, int64_
   const ak_conv_geom* g = j->g;
   const int64_t ohw = g->OH * g->OW, C = g->C;
   const size_t run = (size_t)C * sizeof(float);
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t m = m0 + r, img = m / ohw, oy = (m % ohw) / g->OW, ox = m % g->OW;
+  /* the row's pixel (img, oy, ox), stepped rather than divided out per row */
+  int64_t img = m0 / ohw, oy = (m0 % ohw) / g->OW, ox = m0 % g->OW;
+  for (int64_t r = 0; r < rows; ++r, ++ox) {
+    if (ox == g->OW) {
+      ox = 0;
+      if (++oy == g->OH) oy = 0, ++img;
+    }
     const float* xi = j->x + img * g->H * g->W * j->xc + j->group * C;
     float* d = dst + r * j->K;
     const int64_t ix0 = ox * g->SW - g->PW;
@@ -589,8 +594,12 @@ static void nhwc_gather_u8(const ak_nhwc_i8_job* q, int64_t m0, int64_t rows, ui
   const ak_conv_geom* g = j->g;
   const int64_t ohw = g->OH * g->OW, C = g->C;
   const int zp = (int)q->x_zp;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t m = m0 + r, img = m / ohw, oy = (m % ohw) / g->OW, ox = m % g->OW;
+  int64_t img = m0 / ohw, oy = (m0 % ohw) / g->OW, ox = m0 % g->OW; /* stepped per row */
+  for (int64_t r = 0; r < rows; ++r, ++ox) {
+    if (ox == g->OW) {
+      ox = 0;
+      if (++oy == g->OH) oy = 0, ++img;
+    }
     const uint8_t* xi = q->xu8 + img * g->H * g->W * C;
     uint8_t* d = dst + r * q->ldq;
     const int64_t ix0 = ox * g->SW - g->PW;
