@@ -540,6 +540,7 @@ def _windows_nhwc(x, kh, kw, stride, pads, dil):
     (2, 3, 17, 15, 64, 7, (2, 2), (3, 3, 3, 3), (1, 1)),   # the ResNet stem's shape
     (1, 32, 8, 8, 33, 1, (2, 2), (0, 0, 0, 0), (1, 1)),    # a strided 1x1 projection
     (1, 8, 10, 10, 16, 3, (1, 1), (2, 2, 2, 2), (2, 2)),   # dilated
+    (3, 8, 7, 5, 16, 3, (1, 1), (1, 1, 1, 1), (1, 1)),     # gathered rows run across images
 ])
 @pytest.mark.parametrize("act,res", [(None, 0), ("relu", 1)])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "calibrated"])

@@ -229,6 +229,7 @@ NHWC_CONVS = CONVS + [  # channel counts around the 16-lane vectors and 64-chann
     (1, 48, 7, 9, 48, 3, (1, 1), (2, 2, 2, 2), (2, 2), 48),     # depthwise, dilated: no 3-tap fast path
     (1, 3, 30, 31, 32, 3, (2, 2), (0, 0, 1, 1), (1, 1), 1),     # the MobileNetV2 stem (short runs)
     (1, 160, 5, 5, 40, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # K = 1440: K-blocked by default
+    (3, 8, 7, 5, 16, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),       # gathered rows run across images
 ]
 
 
