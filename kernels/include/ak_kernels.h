@@ -38,6 +38,10 @@ typedef struct {
   /* K-blocked GEMM (driver-internal, 0 from callers): accumulate = C holds a partial sum to
    * add to; raw = store the partial sum, no epilogue (a later K block finishes it) */
   int accumulate, raw;
+  /* driver-internal, NULL from callers: a micro-kernel call also prefetches (into L2) one 64-byte
+   * line per k step from here on: the weight slice the thread uses next, so streaming weights
+   * from memory overlaps this call's arithmetic */
+  const char* pf;
 } ak_epilogue;
 
 /* Convolution geometry (NCHW input of one image, OIHW weight). */

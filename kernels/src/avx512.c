@@ -89,7 +89,7 @@ AK_INLINE __m512 v_epi(__m512 v, __m512 bias, const float* res, __mmask16 m, con
   return v;
 }
 
-AK_INLINE void ukr_body(const int MR, const int APACK, const int HALF, int64_t K, const float* a,
+AK_INLINE void ukr_body(const int PF, const int MR, const int APACK, const int HALF, int64_t K, const float* a,
                         int64_t lda, const float* bp,
                         float* c, int64_t ldc, int nv, const float* bias_col,
                         const float* bias_row, const float* res, int64_t ldr,
@@ -108,7 +108,9 @@ AK_INLINE void ukr_body(const int MR, const int APACK, const int HALF, int64_t K
   const float* ar[AK_MR];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) ar[i] = a + i * lda;
+  const char* pf = epi->pf;
   for (int64_t k = 0; k < K; ++k) {
+    if (PF) _mm_prefetch(pf + k * 64, _MM_HINT_T1);
     const __m512 b0 = _mm512_load_ps(bp + k * AK_NR);
     const __m512 b1 = HALF ? b0 : _mm512_load_ps(bp + k * AK_NR + 16);
 #pragma GCC unroll 8
@@ -143,12 +145,13 @@ AK_INLINE void ukr_body(const int MR, const int APACK, const int HALF, int64_t K
 
 /* One instantiation per (rows, packed A, half panel): a panel with <= 16 valid columns (the last
  * one of N = 196, 49, ...) computes one vector per row instead of two. */
-static void ukr_avx512(int mr, int64_t K, const float* a, int64_t lda, const float* bp, float* c,
-                       int64_t ldc, int nv, const float* bias_col, const float* bias_row,
-                       const float* res, int64_t ldr, const ak_epilogue* epi) {
+AK_INLINE void ukr_dispatch(const int PF, int mr, int64_t K, const float* a, int64_t lda,
+                            const float* bp, float* c, int64_t ldc, int nv, const float* bias_col,
+                            const float* bias_row, const float* res, int64_t ldr,
+                            const ak_epilogue* epi) {
   const int apack = lda == 0, half = nv <= 16;
 #define AK_CASE(n, p, h)                                                                      \
-  case n: ukr_body(n, p, h, K, a, lda, bp, c, ldc, nv, bias_col, bias_row, res, ldr, epi); break;
+  case n: ukr_body(PF, n, p, h, K, a, lda, bp, c, ldc, nv, bias_col, bias_row, res, ldr, epi); break;
 #define AK_SWITCH(p, h)                                                                       \
   switch (mr) {                                                                               \
     AK_CASE(8, p, h) AK_CASE(7, p, h) AK_CASE(6, p, h) AK_CASE(5, p, h) AK_CASE(4, p, h)      \
@@ -160,6 +163,13 @@ static void ukr_avx512(int mr, int64_t K, const float* a, int64_t lda, const flo
   else { AK_SWITCH(0, 0) }
 #undef AK_SWITCH
 #undef AK_CASE
+}
+
+static void ukr_avx512(int mr, int64_t K, const float* a, int64_t lda, const float* bp, float* c,
+                       int64_t ldc, int nv, const float* bias_col, const float* bias_row,
+                       const float* res, int64_t ldr, const ak_epilogue* epi) {
+  if (epi->pf) ukr_dispatch(1, mr, K, a, lda, bp, c, ldc, nv, bias_col, bias_row, res, ldr, epi);
+  else ukr_dispatch(0, mr, K, a, lda, bp, c, ldc, nv, bias_col, bias_row, res, ldr, epi);
 }
 
 static void row_epi_avx512(float* dst, const float* src, int64_t n, float bias, const float* res,
