@@ -154,3 +154,51 @@ def test_scalar_and_non_contiguous_inputs(backend):
     x = np.arange(12, dtype="float32").reshape(4, 3).T  # a transposed (non-contiguous) view
     out = model.run({"x": x, "scale": np.array(2.5, "float32")})[0]
     assert np.array_equal(out, x * 2.5)
+
+
+def test_outputs_are_the_callers_own_across_runs_and_threads():
+    """Inputs go through buffers the runner keeps across runs: a returned output must never be
+    one of them (an Identity output is the input tensor itself), nor change when the model runs
+    again, also when threads share the model."""
+    import threading
+
+    from onnx import TensorProto, helper
+
+    from conftest import make_model
+
+    proto = make_model([helper.make_node("Identity", ["x"], ["same"]),
+                        helper.make_node("Add", ["x", "x"], ["twice"]),
+                        helper.make_node("Cast", ["flag"], ["as_float"], to=TensorProto.FLOAT)],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 33]),
+                        helper.make_tensor_value_info("flag", TensorProto.BOOL, [5])],
+                       [helper.make_tensor_value_info("same", TensorProto.FLOAT, [64, 33]),
+                        helper.make_tensor_value_info("twice", TensorProto.FLOAT, [64, 33]),
+                        helper.make_tensor_value_info("as_float", TensorProto.FLOAT, [5])])
+    model = accelkit.compile(proto, cache=False)
+    rng = np.random.default_rng(5)
+    a, b = (rng.standard_normal((64, 33)).astype("float32") for _ in range(2))
+    flags = np.array([True, False, True, True, False])
+    first = model.run({"x": a, "flag": flags})
+    second = model.run({"x": b, "flag": ~flags})
+    assert np.array_equal(first[0], a) and np.array_equal(first[1], a + a)
+    assert np.array_equal(first[2], flags.astype("float32"))
+    assert np.array_equal(second[0], b) and np.array_equal(second[2], (~flags).astype("float32"))
+    first[0][:] = 0  # the caller's array: writing it changes nothing the model holds
+    assert np.array_equal(model.run({"x": a, "flag": flags})[0], a)
+
+    inputs = [rng.standard_normal((64, 33)).astype("float32") for _ in range(4)]
+    errors = []
+
+    def worker(x):
+        for _ in range(25):
+            same, twice, _ = model.run({"x": x, "flag": flags})
+            if not (np.array_equal(same, x) and np.array_equal(twice, x + x)):
+                errors.append("a thread got another thread's output")
+                return
+
+    threads = [threading.Thread(target=worker, args=(x,)) for x in inputs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
