@@ -42,6 +42,11 @@ typedef struct {
    * line per k step from here on: the weight slice the thread uses next, so streaming weights
    * from memory overlaps this call's arithmetic */
   const char* pf;
+  /* driver-internal, 0 from callers: K runs in nseg segments of K each (the kernel rows of a
+   * small-channel conv read in place): segment s reads A from a + s * seg_lda and B from
+   * bp + s * K * NR; only where the ISA table's `segments` says its ukr does */
+  int nseg;
+  int64_t seg_lda;
 } ak_epilogue;
 
 /* Convolution geometry (NCHW input of one image, OIHW weight). */
@@ -314,6 +319,7 @@ typedef struct {
   ak_wino_in_fn wino_in;
   ak_wino_out_fn wino_out;
   int rows; /* rows ukr takes in one call with a row-major A (lda > 0); packed A: AK_MR */
+  int segments; /* ukr honours ak_epilogue.nseg (row-major A only) */
 } ak_isa_table;
 extern const ak_isa_table ak_portable_table;
 extern const ak_isa_table ak_avx2_table;

@@ -89,7 +89,7 @@ AK_INLINE __m512 v_epi(__m512 v, __m512 bias, const float* res, __mmask16 m, con
   return v;
 }
 
-AK_INLINE void ukr_body(const int PF, const int MR, const int APACK, const int HALF, int64_t K, const float* a,
+AK_INLINE void ukr_body(const int PF, const int SEG, const int MR, const int APACK, const int HALF, int64_t K, const float* a,
                         int64_t lda, const float* bp,
                         float* c, int64_t ldc, int nv, const float* bias_col,
                         const float* bias_row, const float* res, int64_t ldr,
@@ -105,19 +105,24 @@ AK_INLINE void ukr_body(const int PF, const int MR, const int APACK, const int H
       if (!HALF) acc1[i] = _mm512_maskz_loadu_ps(m1, c + i * ldc + 16);
     }
   }
-  const float* ar[AK_MR];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) ar[i] = a + i * lda;
   const char* pf = epi->pf;
-  for (int64_t k = 0; k < K; ++k) {
-    if (PF) _mm_prefetch(pf + k * 64, _MM_HINT_T1);
-    const __m512 b0 = _mm512_load_ps(bp + k * AK_NR);
-    const __m512 b1 = HALF ? b0 : _mm512_load_ps(bp + k * AK_NR + 16);
+  const int nseg = SEG ? epi->nseg : 1;
+  for (int s = 0; s < nseg; ++s) {
+    const float* as = SEG ? a + s * epi->seg_lda : a;
+    const float* bs = SEG ? bp + s * K * AK_NR : bp;
+    const float* ar[AK_MR];
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const __m512 av = _mm512_set1_ps(APACK ? a[k * AK_MR + i] : ar[i][k]);
-      acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
-      if (!HALF) acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
+    for (int i = 0; i < MR; ++i) ar[i] = as + i * lda;
+    for (int64_t k = 0; k < K; ++k) {
+      if (PF) _mm_prefetch(pf + k * 64, _MM_HINT_T1);
+      const __m512 b0 = _mm512_load_ps(bs + k * AK_NR);
+      const __m512 b1 = HALF ? b0 : _mm512_load_ps(bs + k * AK_NR + 16);
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        const __m512 av = _mm512_set1_ps(APACK ? as[k * AK_MR + i] : ar[i][k]);
+        acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
+        if (!HALF) acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
+      }
     }
   }
   if (epi->raw) { /* a partial sum over a K block: the next block adds to it */
@@ -145,18 +150,19 @@ AK_INLINE void ukr_body(const int PF, const int MR, const int APACK, const int H
 
 /* One instantiation per (rows, packed A, half panel): a panel with <= 16 valid columns (the last
  * one of N = 196, 49, ...) computes one vector per row instead of two. */
-AK_INLINE void ukr_dispatch(const int PF, int mr, int64_t K, const float* a, int64_t lda,
+AK_INLINE void ukr_dispatch(const int PF, const int SEG, int mr, int64_t K, const float* a, int64_t lda,
                             const float* bp, float* c, int64_t ldc, int nv, const float* bias_col,
                             const float* bias_row, const float* res, int64_t ldr,
                             const ak_epilogue* epi) {
   const int apack = lda == 0, half = nv <= 16;
 #define AK_CASE(n, p, h)                                                                      \
-  case n: ukr_body(PF, n, p, h, K, a, lda, bp, c, ldc, nv, bias_col, bias_row, res, ldr, epi); break;
+  case n: ukr_body(PF, SEG, n, p, h, K, a, lda, bp, c, ldc, nv, bias_col, bias_row, res, ldr, epi); break;
 #define AK_SWITCH(p, h)                                                                       \
   switch (mr) {                                                                               \
     AK_CASE(8, p, h) AK_CASE(7, p, h) AK_CASE(6, p, h) AK_CASE(5, p, h) AK_CASE(4, p, h)      \
     AK_CASE(3, p, h) AK_CASE(2, p, h) AK_CASE(1, p, h) default: break;                        \
   }
+  if (SEG && apack) return; /* segments: row-major A only (the drivers never ask otherwise) */
   if (apack && half) { AK_SWITCH(1, 1) }
   else if (apack) { AK_SWITCH(1, 0) }
   else if (half) { AK_SWITCH(0, 1) }
@@ -168,8 +174,9 @@ AK_INLINE void ukr_dispatch(const int PF, int mr, int64_t K, const float* a, int
 static void ukr_avx512(int mr, int64_t K, const float* a, int64_t lda, const float* bp, float* c,
                        int64_t ldc, int nv, const float* bias_col, const float* bias_row,
                        const float* res, int64_t ldr, const ak_epilogue* epi) {
-  if (epi->pf) ukr_dispatch(1, mr, K, a, lda, bp, c, ldc, nv, bias_col, bias_row, res, ldr, epi);
-  else ukr_dispatch(0, mr, K, a, lda, bp, c, ldc, nv, bias_col, bias_row, res, ldr, epi);
+  if (epi->nseg > 1) ukr_dispatch(0, 1, mr, K, a, lda, bp, c, ldc, nv, bias_col, bias_row, res, ldr, epi);
+  else if (epi->pf) ukr_dispatch(1, 0, mr, K, a, lda, bp, c, ldc, nv, bias_col, bias_row, res, ldr, epi);
+  else ukr_dispatch(0, 0, mr, K, a, lda, bp, c, ldc, nv, bias_col, bias_row, res, ldr, epi);
 }
 
 static void row_epi_avx512(float* dst, const float* src, int64_t n, float bias, const float* res,
@@ -568,7 +575,7 @@ static void wino_out_avx512(const float* mt, int64_t mstride, int64_t nc, float*
 
 const ak_isa_table ak_avx512_table = {ukr_avx512, im2col_avx512, dw_plane_avx512, row_epi_avx512, layer_norm_row_avx512,
                                       softmax_row_avx512, dw_nhwc_row_avx512,
-                                      wino_in_avx512, wino_out_avx512, AK_MR};
+                                      wino_in_avx512, wino_out_avx512, AK_MR, 1};
 
 /* ---- int8: row quantization and the AVX512-VNNI micro-kernel ------------------------------ */
 

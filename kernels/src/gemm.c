@@ -427,6 +427,7 @@ typedef struct {
   int64_t cout;   /* channels of an output pixel (all groups) */
   int64_t group, coutg, M, K, kc, P, mb, ngroups, ppg;
   int direct;     /* 1x1, stride 1, no padding: x is A as it is */
+  int implicit;   /* few channels (the image stems): kernel rows read in place, see nhwc_implicit */
   int rows;       /* rows per micro-kernel call (the ISA's) */
 } ak_nhwc_job;
 
@@ -480,6 +481,65 @@ AK_SHORT_COPIES static void nhwc_gather(const ak_nhwc_job* j, int64_t m0, int64_
   }
 }
 
+/* Rows [m0, m0 + rows) x panels [pa, pb) of a few-channel conv without a gather: for output
+ * pixels whose kernel window lies inside the input in x, kernel row ky of pixels ox, ox+1, ...
+ * is KW*C floats at a stride of SW*C in the input, i.e. a row-major A with lda = SW*C, and the
+ * next kernel row is one input row (W*C floats) further: one micro-kernel call per tile runs
+ * the taps [ky0, ky1) inside the input as segments (ak_epilogue.nseg). The few pixels whose
+ * window crosses the left or right edge are gathered as before (into buf). The sums are the
+ * gathered path's, in the same order, less the taps in the vertical padding (zero inputs). */
+static void nhwc_implicit(const ak_nhwc_job* j, int64_t m0, int64_t rows, int64_t pa, int64_t pb,
+                          float* buf) {
+  const ak_conv_geom* g = j->g;
+  const int64_t C = g->C, ohw = g->OH * g->OW, kw = g->KW * C;
+  /* output columns whose window lies inside the input in x */
+  const int64_t px0 = (g->PW + g->SW - 1) / g->SW;
+  int64_t px1 = g->W - g->KW + g->PW >= 0 ? (g->W - g->KW + g->PW) / g->SW + 1 : 0;
+  if (px1 > g->OW) px1 = g->OW;
+  for (int64_t m = m0; m < m0 + rows;) {
+    const int64_t img = m / ohw, oy = (m % ohw) / g->OW, ox = m % g->OW;
+    const int64_t end = m0 + rows - m < g->OW - ox ? m0 + rows : m + g->OW - ox; /* this row */
+    const int64_t iy0 = oy * g->SH - g->PH;
+    int64_t ky0 = 0, ky1 = g->KH;
+    while (ky0 < ky1 && iy0 + ky0 < 0) ++ky0;
+    while (ky1 > ky0 && iy0 + ky1 - 1 >= g->H) --ky1;
+    /* [m, end) = pixels ox .. ox + (end - m) of row oy: edges gathered, the middle in place */
+    const int64_t in0 = m + (px0 > ox ? px0 - ox : 0);
+    const int64_t in1 = px1 > ox ? (m + px1 - ox < end ? m + px1 - ox : end) : m;
+    for (int part = 0; part < 3; ++part) {
+      const int64_t a0 = part == 0 ? m : part == 1 ? in0 : (in1 > in0 ? in1 : in0);
+      const int64_t a1 = part == 0 ? (in0 < end ? in0 : end) : part == 1 ? in1 : end;
+      if (a1 <= a0) continue;
+      const int64_t n = a1 - a0, step = even_rows(n, j->rows);
+      if (part != 1 || ky1 <= ky0) nhwc_gather(j, a0, n, buf);
+      for (int64_t p = pa; p < pb; ++p) {
+        const int64_t n0 = p * AK_NR;
+        const int nv = (int)(j->coutg - n0 < AK_NR ? j->coutg - n0 : AK_NR);
+        const float* panel = j->w + p * j->K * AK_NR;
+        for (int64_t t0 = 0; t0 < n; t0 += step) {
+          const int mr = (int)(n - t0 < step ? n - t0 : step);
+          const int64_t row = a0 + t0;
+          float* o = j->out + row * j->cout + n0;
+          const float* bias = j->bias ? j->bias + n0 : NULL;
+          const float* res = j->res ? j->res + row * j->cout + n0 : NULL;
+          if (part != 1 || ky1 <= ky0) {
+            j->ukr(mr, j->K, buf + t0 * j->K, j->K, panel, o, j->cout, nv, bias, NULL, res,
+                   j->cout, &j->epi);
+            continue;
+          }
+          ak_epilogue epi = j->epi;
+          epi.nseg = (int)(ky1 - ky0);
+          epi.seg_lda = g->W * C;
+          const int64_t ix = (ox + (row - m)) * g->SW - g->PW;
+          j->ukr(mr, kw, j->x + img * g->H * g->W * C + ((iy0 + ky0) * g->W + ix) * C, g->SW * C,
+                 panel + ky0 * kw * AK_NR, o, j->cout, nv, bias, NULL, res, j->cout, &epi);
+        }
+      }
+    }
+    m = end;
+  }
+}
+
 /* Work item = (block of mb rows, group of panels); a thread's consecutive items share a block,
  * which is gathered once: the block stays in L2 while every panel of the group sweeps it. */
 static void nhwc_range(int64_t begin, int64_t end, void* ctx) {
@@ -491,6 +551,13 @@ static void nhwc_range(int64_t begin, int64_t end, void* ctx) {
     const int64_t m0 = blk * j->mb, rows = j->M - m0 < j->mb ? j->M - m0 : j->mb;
     const float* a;
     int64_t lda;
+    if (j->implicit) {
+      if (!buf) buf = ak_scratch((size_t)(j->mb * j->K));
+      if (!buf) return; /* out of memory: leave the output as is */
+      const int64_t p1 = (pg + 1) * j->ppg < j->P ? (pg + 1) * j->ppg : j->P;
+      nhwc_implicit(j, m0, rows, pg * j->ppg, p1, buf);
+      continue;
+    }
     if (j->direct) {
       a = j->x + m0 * j->xc + j->group * j->g->C;
       lda = j->xc;
@@ -587,6 +654,10 @@ void ak_conv2d_nhwc_f32(const float* x, const float* w, const float* bias, const
              g->OH == g->H && g->OW == g->W;
   if (j.M <= 0 || j.P <= 0) return;
   const int64_t threads = nhwc_plan(&j, tune);
+  /* a kernel row of a few channels (KW x C <= 64 floats: the 3-channel stems) is one short run
+   * of the input per output pixel, which the gather copied at a cost near the GEMM's own */
+  j.implicit = ak_table()->segments && !j.direct && groups == 1 && g->DH == 1 && g->DW == 1 &&
+               g->KW * g->C <= 64 && j.kc == j.K;
   const int64_t wstride = j.P * j.K * AK_NR;
   for (int64_t grp = 0; grp < groups; ++grp) {
     j.group = grp;
