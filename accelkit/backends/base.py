@@ -354,7 +354,6 @@ class _VMRunner:
         return staged[0]
 
     def run(self, inputs):
-        import numpy as np
         import tvm
 
         from accelkit import threads

@@ -56,6 +56,16 @@ typedef struct {
   int64_t SH, SW, PH, PW, DH, DW;
 } ak_conv_geom;
 
+/* The output columns [*x0, *x1) whose kernel window lies inside the input in x (empty when
+ * none does): the conv drivers' in-place and unrolled paths; the others handle the padding. */
+static inline void ak_inside_cols(const ak_conv_geom* g, int64_t* x0, int64_t* x1) {
+  const int64_t last = g->W - 1 - (g->KW - 1) * g->DW + g->PW; /* ox * SW <= last */
+  *x0 = (g->PW + g->SW - 1) / g->SW;
+  *x1 = last >= 0 ? last / g->SW + 1 : 0;
+  if (*x1 > g->OW) *x1 = g->OW;
+  if (*x1 < *x0) *x1 = *x0;
+}
+
 /* Tuning knobs of one kernel call; 0 everywhere = the built-in heuristics (what an untuned model
  * runs). `accelkit tune` measures alternatives per call site and bakes the best into the call.
  * The FFI layer passes them packed in one int64 `config` argument (see ak_tuning_unpack). */

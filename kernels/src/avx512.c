@@ -163,8 +163,8 @@ AK_INLINE void ukr_dispatch(const int PF, const int SEG, int mr, int64_t K, cons
     AK_CASE(3, p, h) AK_CASE(2, p, h) AK_CASE(1, p, h) default: break;                        \
   }
   if (SEG && apack) return; /* segments: row-major A only (the drivers never ask otherwise) */
-  if (apack && half) { AK_SWITCH(1, 1) }
-  else if (apack) { AK_SWITCH(1, 0) }
+  if (!SEG && apack && half) { AK_SWITCH(1, 1) }
+  else if (!SEG && apack) { AK_SWITCH(1, 0) }
   else if (half) { AK_SWITCH(0, 1) }
   else { AK_SWITCH(0, 0) }
 #undef AK_SWITCH
@@ -415,30 +415,24 @@ static void dw_nhwc_row_avx512(const float* x, const float* w, const ak_conv_geo
   /* interior pixels, 4 at a time, for the whole vectors of channels: [px0, px1) are the output
    * pixels whose 3-wide windows lie inside the input */
   int64_t px0 = 0, px1 = 0;
-  if (g->KW == 3 && C >= 16) {
-    px0 = (g->PW + g->SW - 1) / g->SW;
-    px1 = g->W - 1 - 2 * g->DW + g->PW >= 0 ? (g->W - 1 - 2 * g->DW + g->PW) / g->SW + 1 : 0;
-    if (px1 > g->OW) px1 = g->OW;
-    if (px1 < px0) px1 = px0;
-  }
+  if (g->KW == 3 && C >= 16) ak_inside_cols(g, &px0, &px1);
   const int64_t cv = C / 64 * 64, cw = C / 16 * 16; /* channels in groups of 4 vectors, whole vectors */
   for (int64_t ox = px0; ox + 4 <= px1; ox += 4) {
     const float* xrow = x + (iy0 * g->W + ox * g->SW - g->PW) * C;
     const float* r = res ? res + ox * C : NULL;
     float* o = out + ox * C;
     int64_t c0 = 0;
-    for (; c0 < cv; c0 += 64)
-      dw_pixels3(4, 4, xrow + c0, g->SW * C, w + c0, C, rowstep, colstep, ky0, ky1,
-                 bias ? bias + c0 : NULL, r ? r + c0 : NULL, o + c0, epi);
+#define AK_DW4(nv)                                                                           \
+  dw_pixels3(nv, 4, xrow + c0, g->SW * C, w + c0, C, rowstep, colstep, ky0, ky1,            \
+             bias ? bias + c0 : NULL, r ? r + c0 : NULL, o + c0, epi)
+    for (; c0 < cv; c0 += 64) AK_DW4(4);
     switch ((cw - c0) / 16) {
-      case 3: dw_pixels3(3, 4, xrow + c0, g->SW * C, w + c0, C, rowstep, colstep, ky0, ky1,
-                         bias ? bias + c0 : NULL, r ? r + c0 : NULL, o + c0, epi); break;
-      case 2: dw_pixels3(2, 4, xrow + c0, g->SW * C, w + c0, C, rowstep, colstep, ky0, ky1,
-                         bias ? bias + c0 : NULL, r ? r + c0 : NULL, o + c0, epi); break;
-      case 1: dw_pixels3(1, 4, xrow + c0, g->SW * C, w + c0, C, rowstep, colstep, ky0, ky1,
-                         bias ? bias + c0 : NULL, r ? r + c0 : NULL, o + c0, epi); break;
+      case 3: AK_DW4(3); break;
+      case 2: AK_DW4(2); break;
+      case 1: AK_DW4(1); break;
       default: break;
     }
+#undef AK_DW4
   }
   /* the rest: edge pixels, a last group of under 4, and the channels past the whole vectors */
   const int64_t done1 = px0 + (px1 - px0) / 4 * 4;

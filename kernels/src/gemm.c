@@ -218,6 +218,20 @@ typedef struct {
   int64_t kc;       /* K block */
 } ak_gemm_job;
 
+/* work item idx -> (row chunk, panel, batch item) */
+static inline void gemm_item(const ak_gemm_job* job, int64_t idx, int64_t* mc, int64_t* p,
+                             int64_t* bi) {
+  if (job->panels_inner) {
+    *p = idx % job->P;
+    *mc = (idx / job->P) % job->mchunks;
+    *bi = idx / (job->P * job->mchunks);
+  } else {
+    *mc = idx % job->mchunks;
+    *p = (idx / job->mchunks) % job->P;
+    *bi = idx / (job->mchunks * job->P);
+  }
+}
+
 static void gemm_range(int64_t begin, int64_t end, void* ctx) {
   const ak_gemm_job* job = (const ak_gemm_job*)ctx;
   const ak_gemm* g = job->g;
@@ -225,15 +239,7 @@ static void gemm_range(int64_t begin, int64_t end, void* ctx) {
   int64_t packed = -1;
   for (int64_t idx = begin; idx < end; ++idx) {
     int64_t mc, p, bi;
-    if (job->panels_inner) {
-      p = idx % job->P;
-      mc = (idx / job->P) % job->mchunks;
-      bi = idx / (job->P * job->mchunks);
-    } else {
-      mc = idx % job->mchunks;
-      p = (idx / job->mchunks) % job->P;
-      bi = idx / (job->mchunks * job->P);
-    }
+    gemm_item(job, idx, &mc, &p, &bi);
     const int64_t bp = bi * job->P + p;
     const int64_t n0 = p * AK_NR;
     const int nv = (int)(g->N - n0 < AK_NR ? g->N - n0 : AK_NR);
@@ -262,9 +268,8 @@ static void gemm_range(int64_t begin, int64_t end, void* ctx) {
      * or the next item's panel at k = 0) */
     const float* next_item = NULL;
     if (g->b_prepacked && idx + 1 < end) {
-      const int64_t q = idx + 1;
-      const int64_t np = job->panels_inner ? q % job->P : (q / job->mchunks) % job->P;
-      const int64_t nb = job->panels_inner ? q / (job->P * job->mchunks) : q / (job->mchunks * job->P);
+      int64_t nmc, np, nb;
+      gemm_item(job, idx + 1, &nmc, &np, &nb);
       next_item = g->b + nb * g->b_bstride + np * g->K * AK_NR;
     }
     for (int64_t k0 = 0; k0 < g->K; k0 += kc) {
@@ -428,6 +433,7 @@ typedef struct {
   int64_t group, coutg, M, K, kc, P, mb, ngroups, ppg;
   int direct;     /* 1x1, stride 1, no padding: x is A as it is */
   int implicit;   /* few channels (the image stems): kernel rows read in place, see nhwc_implicit */
+  int64_t px0, px1; /* output columns whose window lies inside the input (ak_inside_cols) */
   int rows;       /* rows per micro-kernel call (the ISA's) */
 } ak_nhwc_job;
 
@@ -492,10 +498,6 @@ static void nhwc_implicit(const ak_nhwc_job* j, int64_t m0, int64_t rows, int64_
                           float* buf) {
   const ak_conv_geom* g = j->g;
   const int64_t C = g->C, ohw = g->OH * g->OW, kw = g->KW * C;
-  /* output columns whose window lies inside the input in x */
-  const int64_t px0 = (g->PW + g->SW - 1) / g->SW;
-  int64_t px1 = g->W - g->KW + g->PW >= 0 ? (g->W - g->KW + g->PW) / g->SW + 1 : 0;
-  if (px1 > g->OW) px1 = g->OW;
   for (int64_t m = m0; m < m0 + rows;) {
     const int64_t img = m / ohw, oy = (m % ohw) / g->OW, ox = m % g->OW;
     const int64_t end = m0 + rows - m < g->OW - ox ? m0 + rows : m + g->OW - ox; /* this row */
@@ -503,15 +505,17 @@ static void nhwc_implicit(const ak_nhwc_job* j, int64_t m0, int64_t rows, int64_
     int64_t ky0 = 0, ky1 = g->KH;
     while (ky0 < ky1 && iy0 + ky0 < 0) ++ky0;
     while (ky1 > ky0 && iy0 + ky1 - 1 >= g->H) --ky1;
-    /* [m, end) = pixels ox .. ox + (end - m) of row oy: edges gathered, the middle in place */
-    const int64_t in0 = m + (px0 > ox ? px0 - ox : 0);
-    const int64_t in1 = px1 > ox ? (m + px1 - ox < end ? m + px1 - ox : end) : m;
+    /* [m, end) = pixels ox .. of row oy, cut into left edge, inside (in place), right edge */
+    int64_t cut[4] = {m, m + (j->px0 > ox ? j->px0 - ox : 0), m + (j->px1 > ox ? j->px1 - ox : 0), end};
+    if (cut[1] > end) cut[1] = end;
+    if (cut[2] > end) cut[2] = end;
+    if (cut[2] < cut[1]) cut[2] = cut[1];
     for (int part = 0; part < 3; ++part) {
-      const int64_t a0 = part == 0 ? m : part == 1 ? in0 : (in1 > in0 ? in1 : in0);
-      const int64_t a1 = part == 0 ? (in0 < end ? in0 : end) : part == 1 ? in1 : end;
-      if (a1 <= a0) continue;
-      const int64_t n = a1 - a0, step = even_rows(n, j->rows);
-      if (part != 1 || ky1 <= ky0) nhwc_gather(j, a0, n, buf);
+      const int64_t a0 = cut[part], n = cut[part + 1] - a0;
+      if (n <= 0) continue;
+      const int gathered = part != 1 || ky1 <= ky0;
+      if (gathered) nhwc_gather(j, a0, n, buf);
+      const int64_t step = even_rows(n, j->rows);
       for (int64_t p = pa; p < pb; ++p) {
         const int64_t n0 = p * AK_NR;
         const int nv = (int)(j->coutg - n0 < AK_NR ? j->coutg - n0 : AK_NR);
@@ -522,7 +526,7 @@ static void nhwc_implicit(const ak_nhwc_job* j, int64_t m0, int64_t rows, int64_
           float* o = j->out + row * j->cout + n0;
           const float* bias = j->bias ? j->bias + n0 : NULL;
           const float* res = j->res ? j->res + row * j->cout + n0 : NULL;
-          if (part != 1 || ky1 <= ky0) {
+          if (gathered) {
             j->ukr(mr, j->K, buf + t0 * j->K, j->K, panel, o, j->cout, nv, bias, NULL, res,
                    j->cout, &j->epi);
             continue;
@@ -658,10 +662,9 @@ void ak_conv2d_nhwc_f32(const float* x, const float* w, const float* bias, const
    * of the input per output pixel, which the gather copied at a cost near the GEMM's own. Only
    * for wide images: the in-place tiles stop at each output row and its edge pixels, so on 8x8
    * images (the demo's digits) calls of 6 + 1 + 1 rows replaced one of 8 (1.4x slower). */
-  const int64_t interior = (g->W - g->KW + g->PW >= 0 ? (g->W - g->KW + g->PW) / g->SW + 1 : 0) -
-                           (g->PW + g->SW - 1) / g->SW;
+  ak_inside_cols(g, &j.px0, &j.px1);
   j.implicit = ak_table()->segments && !j.direct && groups == 1 && g->DH == 1 && g->DW == 1 &&
-               g->KW * g->C <= 64 && j.kc == j.K && interior >= 4 * AK_MR;
+               g->KW * g->C <= 64 && j.kc == j.K && j.px1 - j.px0 >= 4 * AK_MR;
   const int64_t wstride = j.P * j.K * AK_NR;
   for (int64_t grp = 0; grp < groups; ++grp) {
     j.group = grp;
@@ -895,15 +898,13 @@ static void wino_range(int64_t begin, int64_t end, void* ctx) {
         for (int64_t r0 = 0; r0 < nt; r0 += step) {
           const int mr = (int)(nt - r0 < step ? nt - r0 : step);
           /* call i prefetches C lines (one per k): the slice's 2C lines take two calls */
-          const int64_t part = r0 / step;
-          raw.pf = slice_prefetch(next, part, C);
+          raw.pf = slice_prefetch(next, r0 / step, C);
           j->isa->ukr(mr, C, v + xi * vstride + r0 * C, C, panel,
                       m + xi * mstride + r0 * j->ldm + (p - p0) * AK_NR, j->ldm, AK_NR, NULL,
                       NULL, NULL, 0, &raw);
         }
       }
     }
-    raw.pf = NULL;
     const int64_t col0 = p0 * AK_NR, nc = (p1 * AK_NR < j->cout ? p1 * AK_NR : j->cout) - col0;
     const int64_t img_out = g->OH * g->OW * j->cout;
     for (int64_t t = 0; t < nt; ++t) {
