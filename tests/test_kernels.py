@@ -230,6 +230,10 @@ NHWC_CONVS = CONVS + [  # channel counts around the 16-lane vectors and 64-chann
     (1, 3, 30, 31, 32, 3, (2, 2), (0, 0, 1, 1), (1, 1), 1),     # the MobileNetV2 stem (short runs)
     (1, 160, 5, 5, 40, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),     # K = 1440: K-blocked by default
     (3, 8, 7, 5, 16, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),       # gathered rows run across images
+    # 1x1, more output channels than pixels: panel-major items; an odd panel count shares its
+    # middle panel between two row blocks
+    (1, 96, 7, 7, 160, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1),     # 5 panels over 49 rows
+    (2, 40, 3, 5, 70, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1),      # 3 panels (last partial), batch 2
     # few channels on wide images (kernel rows read in place on AVX-512, edge pixels gathered):
     (1, 3, 5, 90, 40, 7, (2, 2), (3, 3, 3, 3), (1, 1), 1),      # a stem: 7x7 stride 2, 2 panels
     (2, 4, 7, 75, 24, 5, (1, 2), (2, 1, 2, 1), (1, 1), 1),      # 5x5, stride (1, 2), batch 2
