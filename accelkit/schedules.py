@@ -190,20 +190,32 @@ def _reads_unit_stride(sch: s_tir.Schedule, block, axis: int) -> bool:
     return True
 
 
+def _unit_terms(expr) -> list:
+    """The iter vars that an index expression adds with coefficient 1 (`d` in `h * 32 + d`)."""
+    from tvm import tirx
+
+    if isinstance(expr, tirx.Var):
+        return [expr]
+    if isinstance(expr, tirx.Add):
+        return _unit_terms(expr.a) + _unit_terms(expr.b)
+    return []
+
+
 def _transpose_source(sch: s_tir.Schedule, block, axis: int, kinds: str,
                       extents: Sequence[int | None], lanes: int) -> int | None:
-    """For a transpose-like block (a read whose innermost index is another spatial iter, as in
-    NHWC -> NCHW): that iter, when `lanes` divides its extent. Tiling it with the vector axis
-    keeps the lanes' source lines in L1 (a strided vector read per output vector otherwise walks
-    a new line per lane: 2 GB/s for a 3 MB NHWC -> NCHW copy)."""
+    """For a transpose-like block (a read whose innermost index steps with another spatial iter,
+    as in NHWC -> NCHW, or attention's [s, h * 32 + d] -> [h, d, s] with the reshape fused in):
+    that iter, when `lanes` divides its extent. Tiling it with the vector axis keeps the lanes'
+    source lines in L1 (a strided vector read per output vector otherwise walks a new line per
+    lane: 2 GB/s for a 3 MB NHWC -> NCHW copy)."""
     stmt = sch.get(block)
     iter_vars = [iv.var for iv in stmt.iter_vars]
     for region in stmt.reads:
         if not region.region:
             continue
-        last = region.region[-1].min
+        terms = _unit_terms(region.region[-1].min)
         for i, var in enumerate(iter_vars):
-            if (i != axis and kinds[i] == "S" and last.same_as(var) and extents[i]
+            if (i != axis and kinds[i] == "S" and any(t.same_as(var) for t in terms) and extents[i]
                     and extents[i] > lanes and extents[i] % lanes == 0):
                 return i
     return None

@@ -134,6 +134,31 @@ def test_nhwc_to_nchw_transpose_is_tiled(shape):
                      % (shape[3], sizes[0]), text), text
 
 
+
+def test_attention_key_transpose_with_its_reshape_is_tiled():
+    """Attention's K^T: [s, h * d] reshaped to [s, h, d] and transposed to [h, d, s]. After FuseTIR
+    the read index is `h * 32 + d`; d is still the input's unit-stride iter, so it is tiled by the
+    vector width (untiled it ran 27.6 us, tiled 15.7 us on all-MiniLM-L6-v2's 128 x 384)."""
+    import re
+
+    seq, heads, dim = 64, 4, 32
+    x = RNG.standard_normal((1, seq, heads * dim)).astype("float32")
+    want = x.reshape(1, seq, heads, dim).transpose(0, 2, 3, 1)
+    shape = helper.make_tensor("shape", TensorProto.INT64, [4], [1, seq, heads, dim])
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]),
+             helper.make_node("Transpose", ["r"], ["y"], perm=[0, 2, 3, 1])]
+    graph = helper.make_graph(nodes, "key_t", [_vi("x", list(x.shape))], [_vi("y", list(want.shape))],
+                              [shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    scheduled = _check(model, [x], want, parallel=False)
+    (func,) = _prim_funcs(scheduled).values()
+    text = func.script()
+    # the d axis is split into tiles of the vector width: d = d_0 * lanes + d_1
+    match = re.search(r"v1 = T\.axis\.spatial\(T\.int64\(%d\), \w+ \* T\.int64\((\d+)\) \+ \w+\)" % dim, text)
+    assert match, f"the d axis is not tiled:\n{text}"
+    vector = re.search(r"T\.vectorized\(T\.int64\((\d+)\)\)", text)
+    assert vector and vector.group(1) == match.group(1), text
+
 def test_gather_int64_indices():
     data = RNG.standard_normal((500, 64)).astype("float32")
     idx = RNG.integers(0, 500, (32, 64)).astype("int64")
