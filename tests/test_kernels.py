@@ -152,6 +152,18 @@ def test_bmm(k, isa, trans_b, b_batch):
     close(out.numpy(), 0.125 * (a.astype(np.float64) @ b))
 
 
+@pytest.mark.parametrize("res_shape", [(2, 3, 17, 35), (1, 1, 17, 35), (1, 1, 1, 35), (17, 35), (35,)])
+def test_bmm_adds_a_broadcast_residual(k, isa, res_shape):
+    """scale * a @ b + res, res broadcast like numpy over rows and batch (attention's mask)."""
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((2, 3, 17, 40)).astype(np.float32)
+    b = rng.standard_normal((2, 3, 35, 40)).astype(np.float32)
+    r = rng.standard_normal(res_shape).astype(np.float32)
+    out = t(np.zeros((2, 3, 17, 35), np.float32))
+    k("bmm")(t(a), t(b), t(r), 1, 0.5, out)
+    close(out.numpy(), 0.5 * (a.astype(np.float64) @ np.swapaxes(b, -1, -2)) + r)
+
+
 def with_epilogue(want, r, act, res):
     """The kernels' epilogue on a reference result: residual r before (res 1) or after (res 2)
     the activation."""
@@ -424,6 +436,10 @@ def test_kernels_refuse_bad_arguments_with_clear_errors(k):
     with pytest.raises(Exception, match="a has K=40 but b has 41"):
         k("bmm")(t(np.ones((2, 3, 40), np.float32)), t(np.ones((2, 41, 5), np.float32)), none(), 0, 1.0,
                  t(np.zeros((2, 3, 5), np.float32)))
+    for bad in ((2, 1, 3, 5), (3, 5, 1), (2, 3, 4), (5, 2, 3, 5)):  # res that does not broadcast
+        with pytest.raises(Exception, match=r"res must broadcast to out \[\.\.\., 3, 5\]"):
+            k("bmm")(t(np.ones((2, 2, 3, 4), np.float32)), t(np.ones((2, 2, 4, 5), np.float32)),
+                     t(np.ones(bad, np.float32)), 0, 1.0, t(np.zeros((2, 2, 3, 5), np.float32)))
     with pytest.raises(Exception, match="gamma/beta must have D=7"):
         k("layer_norm")(t(np.ones((2, 7), np.float32)), t(np.ones(6, np.float32)), none(), 1e-5,
                         t(np.zeros((2, 7), np.float32)))

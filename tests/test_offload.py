@@ -106,7 +106,29 @@ def test_attention_block_layer_norm_and_softmax():
              const("gamma", rng.standard_normal(d)), const("beta", rng.standard_normal(d))]
     inputs = [helper.make_tensor_value_info(n, F, [1, 2, s, d]) for n in ("q", "k", "v")]
     proto = make_model(nodes, inputs, [helper.make_tensor_value_info("y", F, [1, 2, s, d])], inits)
-    check(proto, {"cpu.bmm_scaled": 1, "cpu.softmax": 1, "cpu.bmm": 1, "cpu.layer_norm": 1})
+    check(proto, {"cpu.bmm_scaled_masked": 1, "cpu.softmax": 1, "cpu.bmm": 1, "cpu.layer_norm": 1})
+
+
+@pytest.mark.parametrize("mask_shape,fused", [
+    ((1, 1, 12, 12), True),    # the exporters' mask: per query row, shared by the batch and heads
+    ((1, 1, 1, 12), True),     # one row for every query
+    ((2, 3, 12, 12), True),    # a mask per batch item and head
+    ((12,), True),             # rank 1
+    ((2, 1, 12, 12), False),   # per batch item, shared by the heads: added by TVM instead
+])
+def test_attention_mask_is_added_in_the_scores_kernel(mask_shape, fused):
+    """scores = q @ k^T / sqrt(d) + mask: the mask is the bmm kernel's residual, broadcast over
+    rows and batch; a mask it cannot broadcast stays a separate add, and the result is right
+    either way."""
+    s, d = 12, 8
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["q", "kt"], ["qk"]), helper.make_node("Div", ["qk", "scale"], ["sc"]),
+             helper.make_node("Add", ["mask", "sc"], ["sm"]), helper.make_node("Softmax", ["sm"], ["y"], axis=-1)]
+    inputs = [helper.make_tensor_value_info(n, F, [2, 3, s, d]) for n in ("q", "k")]
+    inputs.append(helper.make_tensor_value_info("mask", F, list(mask_shape)))
+    proto = make_model(nodes, inputs, [helper.make_tensor_value_info("y", F, [2, 3, s, s])],
+                       [const("scale", math.sqrt(d))])
+    check(proto, {"cpu.bmm_scaled_masked" if fused else "cpu.bmm_scaled": 1, "cpu.softmax": 1})
 
 
 def test_variants_without_a_kernel_fall_back_to_tvm():

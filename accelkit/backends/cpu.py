@@ -711,18 +711,33 @@ def conv2d_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.conv2d") ->
     return _fused_patterns(prefix, "conv2d", kernel, "relax.nn.conv2d", 1, _conv2d_args)
 
 
+def _mask_broadcasts(mask: tuple[int, ...], out: tuple[int, ...]) -> bool:
+    """Whether the bmm kernel can add `mask` to an `out`-shaped result: [..., M or 1, N], its
+    leading dims out's (aligned from the right) or all 1: an attention mask."""
+    if not mask or len(mask) > len(out) or mask[-1] != out[-1]:
+        return False
+    if len(mask) >= 2 and mask[-2] not in (out[-2], 1):
+        return False
+    lead = mask[:-2]
+    return math.prod(lead) == 1 or (len(lead) == len(out) - 2 and lead == out[:-2])
+
+
 def bmm_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.bmm") -> list[KernelPattern]:
-    """matmul(a, b) of two computed tensors (attention), optionally scaled by a constant."""
+    """matmul(a, b) of two computed tensors (attention), optionally scaled by a constant, and
+    optionally plus a mask that broadcasts to it (attention's scores + mask, added in the
+    kernel's epilogue)."""
     from tvm.relax.dpl import is_const, is_op, wildcard
 
     result = []
-    for scale in ("divide", "multiply", None):
-        a, b, c = wildcard(), wildcard(), is_const()
+    for masked, scale in itertools.product((True, False), ("divide", "multiply", None)):
+        a, b, c, mask = wildcard(), wildcard(), is_const(), wildcard()
         core = is_op("relax.matmul")(a, b)
-        root = {"divide": is_op("relax.divide")(core, c), "multiply": _commutative("relax.multiply", core, c),
-                None: core}[scale]
+        scaled = {"divide": is_op("relax.divide")(core, c),
+                  "multiply": _commutative("relax.multiply", core, c), None: core}[scale]
+        root = _commutative("relax.add", scaled, mask) if masked else scaled
 
-        def build(matches, a=a, b=b, c=c, core=core, scale=scale):
+        def build(matches, a=a, b=b, c=c, core=core, scale=scale, mask=mask, root=root,
+                  masked=masked):
             import tvm
 
             as_, bs, out = _f32(matches[a], range(2, 9)), _f32(matches[b], range(2, 9)), _f32(matches[core])
@@ -741,10 +756,17 @@ def bmm_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.bmm") -> list[
                 if value is None or value == 0.0:
                     return None
                 factor = 1.0 / value if scale == "divide" else value
-            return [matches[a], matches[b], _empty()] + _ints(0) + _floats(factor)
+            res = _empty()
+            if masked:
+                ms = _f32(matches[mask], range(1, 9))
+                if ms is None or _f32(matches[root]) != out or not _mask_broadcasts(ms, out):
+                    return None
+                res = matches[mask]
+            return [matches[a], matches[b], res] + _ints(0) + _floats(factor)
 
-        result.append(KernelPattern(f"{prefix}.bmm{'_scaled' if scale else ''}", root, (), kernel, build=build,
-                                    requires=frozenset(["relax.matmul"] + ([f"relax.{scale}"] if scale else []))))
+        ops = ["relax.matmul"] + ([f"relax.{scale}"] if scale else []) + (["relax.add"] if masked else [])
+        result.append(KernelPattern(f"{prefix}.bmm{'_scaled' if scale else ''}{'_masked' if masked else ''}",
+                                    root, (), kernel, build=build, requires=frozenset(ops)))
     return result
 
 

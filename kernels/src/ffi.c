@@ -389,7 +389,8 @@ static void pack_transposed(const ak_gemm* g, int64_t bi, int64_t n0, float* dst
 }
 
 /* bmm(a[..., M, K], b[..., K, N] (or [..., N, K] with trans_b), res | [0], trans_b, scale,
- *     out[..., M, N]); b's batch is a's or 1 (broadcast). */
+ *     out[..., M, N]) = scale * a @ b + res; b's batch is a's or 1 (broadcast); res broadcasts
+ *     to out (an attention mask: [..., M or 1, N], leading dims out's or all 1). */
 static int ak_bmm(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
   (void)self; (void)result;
   ak_call c = {"accelkit.cpu.bmm", args, n};
@@ -419,8 +420,26 @@ static int ak_bmm(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* resul
       ak_numel(out) != batch * M * N)
     return ak_fail(&c, "ValueError", "out must be [..., %lld, %lld] with a's batch",
                    (long long)M, (long long)N);
+  /* res (attention's additive mask) broadcasts like numpy: its leading dims are out's or all 1,
+   * and it has M rows or one */
   const int has_res = ak_numel(res) > 0;
-  if (has_res) AK_TRY(ak_same_shape(&c, res, out, "res", "out"));
+  int64_t r_rows = M, r_batch = batch;
+  if (has_res) {
+    int ok = res->ndim <= out->ndim && res->shape[res->ndim - 1] == N;
+    r_rows = res->ndim >= 2 ? res->shape[res->ndim - 2] : 1;
+    ok = ok && (r_rows == M || r_rows == 1);
+    r_batch = 1;
+    for (int d = 0; d + 2 < res->ndim; ++d) r_batch *= res->shape[d];
+    for (int d = 0; ok && r_batch != 1 && d + 2 < out->ndim; ++d) {
+      const int rd = d - (out->ndim - res->ndim); /* res's dim aligned with out's dim d */
+      ok = rd >= 0 && res->shape[rd] == out->shape[d];
+    }
+    if (!ok)
+      return ak_fail(&c, "ValueError",
+                     "res must broadcast to out [..., %lld, %lld]: [..., %lld or 1, %lld] with "
+                     "out's leading dims or all 1", (long long)M, (long long)N, (long long)M,
+                     (long long)N);
+  }
   if (M == 0 || N == 0 || batch == 0) return 0;
   ak_gemm g;
   memset(&g, 0, sizeof(g));
@@ -429,7 +448,9 @@ static int ak_bmm(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* resul
   g.b = AK_DATA(b); g.ldb = trans_b ? K : N; g.b_bstride = bbatch == 1 ? 0 : K * N;
   g.pack = trans_b ? pack_transposed : NULL;
   g.c = AK_DATA(out); g.ldc = N; g.c_bstride = M * N;
-  g.res = has_res ? AK_DATA(res) : NULL; g.ldr = N; g.r_bstride = M * N;
+  g.res = has_res ? AK_DATA(res) : NULL;
+  g.ldr = r_rows == 1 ? 0 : N;
+  g.r_bstride = r_batch == 1 ? 0 : r_rows * N;
   g.epi.scale = scale;
   g.epi.res_mode = has_res ? AK_RES_POST_ACT : AK_RES_NONE;
   g.tune = tune;
