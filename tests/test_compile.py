@@ -156,10 +156,12 @@ def test_scalar_and_non_contiguous_inputs(backend):
     assert np.array_equal(out, x * 2.5)
 
 
-def test_outputs_are_the_callers_own_across_runs_and_threads():
+@pytest.mark.parametrize("shape", [(64, 33), (640, 330)], ids=["numpy-copy", "threaded-copy"])
+def test_outputs_are_the_callers_own_across_runs_and_threads(shape):
     """Inputs go through buffers the runner keeps across runs: a returned output must never be
     one of them (an Identity output is the input tensor itself), nor change when the model runs
-    again, also when threads share the model."""
+    again, also when threads share the model. Inputs of 128 KB and more are staged by the kernel
+    library's copy over the pool's threads, smaller ones by numpy's."""
     import threading
 
     from onnx import TensorProto, helper
@@ -169,14 +171,15 @@ def test_outputs_are_the_callers_own_across_runs_and_threads():
     proto = make_model([helper.make_node("Identity", ["x"], ["same"]),
                         helper.make_node("Add", ["x", "x"], ["twice"]),
                         helper.make_node("Cast", ["flag"], ["as_float"], to=TensorProto.FLOAT)],
-                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 33]),
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape)),
                         helper.make_tensor_value_info("flag", TensorProto.BOOL, [5])],
-                       [helper.make_tensor_value_info("same", TensorProto.FLOAT, [64, 33]),
-                        helper.make_tensor_value_info("twice", TensorProto.FLOAT, [64, 33]),
+                       [helper.make_tensor_value_info("same", TensorProto.FLOAT, list(shape)),
+                        helper.make_tensor_value_info("twice", TensorProto.FLOAT, list(shape)),
                         helper.make_tensor_value_info("as_float", TensorProto.FLOAT, [5])])
     model = accelkit.compile(proto, cache=False)
+    assert model._runner._copy is not None  # the cpu backend's kernel library is loaded
     rng = np.random.default_rng(5)
-    a, b = (rng.standard_normal((64, 33)).astype("float32") for _ in range(2))
+    a, b = (rng.standard_normal(shape).astype("float32") for _ in range(2))
     flags = np.array([True, False, True, True, False])
     first = model.run({"x": a, "flag": flags})
     second = model.run({"x": b, "flag": ~flags})
@@ -186,7 +189,7 @@ def test_outputs_are_the_callers_own_across_runs_and_threads():
     first[0][:] = 0  # the caller's array: writing it changes nothing the model holds
     assert np.array_equal(model.run({"x": a, "flag": flags})[0], a)
 
-    inputs = [rng.standard_normal((64, 33)).astype("float32") for _ in range(4)]
+    inputs = [rng.standard_normal(shape).astype("float32") for _ in range(4)]
     errors = []
 
     def worker(x):

@@ -152,6 +152,34 @@ def test_bmm(k, isa, trans_b, b_batch):
     close(out.numpy(), 0.125 * (a.astype(np.float64) @ b))
 
 
+
+@pytest.mark.parametrize("array", [np.arange(300_000, dtype=np.float32).reshape(3, 100_000),
+                                   np.arange(70, dtype=np.int64), np.eye(9, dtype=bool),
+                                   np.zeros((0, 4), np.float32)], ids=["f32-1.2MB", "i64", "bool", "empty"])
+def test_copy_stages_any_dtype_over_the_pool(k, array):
+    """The runner's input staging: every byte arrives, whatever the dtype or size (the chunks
+    split over the threads, a short last chunk)."""
+    import tvm
+    import tvm_ffi
+
+    dst = tvm.runtime.empty(array.shape, str(array.dtype), tvm.cpu(0))
+    k("copy")(tvm_ffi.from_dlpack(array), dst)
+    np.testing.assert_array_equal(dst.numpy(), array)
+
+
+def test_copy_refuses_mismatches(k):
+    import tvm
+    import tvm_ffi
+
+    src = tvm_ffi.from_dlpack(np.ones((4, 6), np.float32))
+    with pytest.raises(Exception, match="dst must have the shape of src"):
+        k("copy")(src, tvm.runtime.empty((4, 5), "float32", tvm.cpu(0)))
+    with pytest.raises(Exception, match="dst must have src's dtype"):
+        k("copy")(src, tvm.runtime.empty((4, 6), "int32", tvm.cpu(0)))
+    with pytest.raises(Exception, match="src must be contiguous"):
+        k("copy")(tvm_ffi.from_dlpack(np.ones((4, 12), np.float32)[:, ::2]),
+                  tvm.runtime.empty((4, 6), "float32", tvm.cpu(0)))
+
 @pytest.mark.parametrize("res_shape", [(2, 3, 17, 35), (1, 1, 17, 35), (1, 1, 1, 35), (17, 35), (35,)])
 def test_bmm_adds_a_broadcast_residual(k, isa, res_shape):
     """scale * a @ b + res, res broadcast like numpy over rows and batch (attention's mask)."""
