@@ -178,6 +178,7 @@ def test_outputs_are_the_callers_own_across_runs_and_threads(shape):
                         helper.make_tensor_value_info("as_float", TensorProto.FLOAT, [5])])
     model = accelkit.compile(proto, cache=False)
     assert model._runner._copy is not None  # the cpu backend's kernel library is loaded
+    assert model._runner._model_bytes > 0 and model._runner._tell_size is not None
     rng = np.random.default_rng(5)
     a, b = (rng.standard_normal(shape).astype("float32") for _ in range(2))
     flags = np.array([True, False, True, True, False])

@@ -140,6 +140,31 @@ def test_dense_residual_before_and_after_activation(k, isa, mode):
     close(out.numpy(), np.maximum(h + r, 0) if mode == 1 else np.maximum(h, 0) + r)
 
 
+@pytest.mark.parametrize("rows", [64, 67, 200])
+def test_dense_splits_rows_for_a_cached_model_with_the_same_result(k, isa, rows):
+    """A model small enough to stay in the last-level cache (set_model_bytes, as the runner does
+    before each run) has its dense layers split by rows instead of weight panels: the same sums,
+    bit for bit (K = 1100: K-blocked), including odd row counts and a partial last panel."""
+    import tvm_ffi
+
+    tell = tvm_ffi.get_global_func("accelkit.cpu.set_model_bytes")
+    rng = np.random.default_rng(8)
+    x, w = rng.standard_normal((rows, 1100)).astype(np.float32), rng.standard_normal((1100, 75)).astype(np.float32)
+    b, r = rng.standard_normal(75).astype(np.float32), rng.standard_normal((rows, 75)).astype(np.float32)
+    outs = []
+    try:
+        for size in (0, 1):  # unknown: the weight panels are split; a 1-byte model: the rows
+            tell(size)
+            out = t(np.zeros((rows, 75), np.float32))
+            k("dense")(t(x), t(pack_weight(w)), t(b), t(r), 75, ACT_CODES["relu"], 2, 0.0, 0.0, 1.0, out)
+            outs.append(out.numpy())
+    finally:
+        tell(0)
+    close(outs[1], np.maximum(x.astype(np.float64) @ w + b, 0) + r)
+    assert np.array_equal(outs[0], outs[1])
+    with pytest.raises(Exception, match="bytes=-1 is out of range"):
+        tell(-1)
+
 @pytest.mark.parametrize("trans_b", [0, 1])
 @pytest.mark.parametrize("b_batch", ["same", "broadcast"])
 def test_bmm(k, isa, trans_b, b_batch):

@@ -290,8 +290,11 @@ class TVMBackend(Backend):
         threads.configure()  # size TVM's pool (all cores) before its first parallel loop
         self.load_kernels()
         self._check_kernels(manifest)
-        lib = tvm.runtime.load_module(os.path.join(directory, manifest["library"]))
-        return _VMRunner(relax.VirtualMachine(lib, self.device()), self.device())
+        path = os.path.join(directory, manifest["library"])
+        lib = tvm.runtime.load_module(path)
+        # the library holds the weights: its size tells the kernels whether they stay cached
+        return _VMRunner(relax.VirtualMachine(lib, self.device()), self.device(),
+                         model_bytes=os.path.getsize(path))
 
 
 def _schedule_index(passes) -> int | None:
@@ -330,7 +333,7 @@ def _copy_out(tensor):
 
 
 class _VMRunner:
-    def __init__(self, vm, device):
+    def __init__(self, vm, device, model_bytes: int = 0):
         import threading
 
         self.vm = vm  # `accelkit profile` instruments it
@@ -343,6 +346,11 @@ class _VMRunner:
 
         # the kernel library's threaded copy, when it is loaded (the cpu backend's)
         self._copy = tvm_ffi.get_global_func("accelkit.cpu.copy", allow_missing=True)
+        # the model's size, told to the kernels on the calling thread before each run: dense
+        # layers split their rows, not their weights, when the model stays in the last-level cache
+        self._model_bytes = int(model_bytes)
+        self._tell_size = (tvm_ffi.get_global_func("accelkit.cpu.set_model_bytes", allow_missing=True)
+                           if self._model_bytes > 0 else None)
 
     def _stage(self, i: int, x):
         """Input i in a TVM tensor kept across runs (allocated once, filled by a copy):
@@ -377,7 +385,10 @@ class _VMRunner:
         from accelkit import threads
 
         def call():  # staging uses the pool too (a large input's copy)
-            return self._main(*[self._stage(i, x) for i, x in enumerate(inputs)])
+            args = [self._stage(i, x) for i, x in enumerate(inputs)]
+            if self._tell_size is not None:
+                self._tell_size(self._model_bytes)
+            return self._main(*args)
 
         with self._lock:
             if self._ran:  # the pool's workers exist (and are pinned) after the first run

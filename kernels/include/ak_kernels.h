@@ -105,6 +105,11 @@ struct ak_gemm {
   ak_tuning tune;
 };
 
+/* The byte size of the model the calling thread runs next (its library, weights included);
+ * 0 = unknown. Dense layers split their rows between the threads when it fits in half the
+ * last-level cache (see ak_gemm_f32). */
+void ak_set_model_bytes(int64_t bytes);
+
 /* Runs a GEMM description (validated by the caller), in parallel. */
 void ak_gemm_f32(const ak_gemm* g);
 

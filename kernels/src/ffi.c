@@ -700,6 +700,18 @@ static int ak_copy(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* resu
   return 0;
 }
 
+/* set_model_bytes(bytes): the size of the model the calling thread runs next (see
+ * ak_set_model_bytes); the runner calls it before each run. */
+static int ak_model_bytes(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
+  (void)self; (void)result;
+  ak_call c = {"accelkit.cpu.set_model_bytes", args, n};
+  if (n != 1) return ak_fail(&c, "TypeError", "expected 1 argument (bytes), got %d", (int)n);
+  int64_t bytes;
+  AK_TRY(ak_int(&c, 0, "bytes", 0, INT64_MAX, &bytes));
+  ak_set_model_bytes(bytes);
+  return 0;
+}
+
 /* layer_norm(x[..., D], gamma[D], beta[D] | [0], eps, out) over the last axis. */
 static int ak_layer_norm(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
   (void)self; (void)result;
@@ -783,6 +795,7 @@ int ak_register_all(void) {
       {"accelkit.cpu.layer_norm", ak_layer_norm_entry},
       {"accelkit.cpu.softmax", ak_softmax_entry},
       {"accelkit.cpu.copy", ak_copy_entry},
+      {"accelkit.cpu.set_model_bytes", ak_model_bytes},
   };
   const char* portable = getenv("ACCELKIT_PORTABLE_KERNELS");
   ak_force_portable = portable != NULL && portable[0] != '\0' && strcmp(portable, "0") != 0;
