@@ -165,6 +165,24 @@ def test_dense_splits_rows_for_a_cached_model_with_the_same_result(k, isa, rows)
     with pytest.raises(Exception, match="bytes=-1 is out of range"):
         tell(-1)
 
+def test_dense_k_blocks_outer_same_result(k, isa):
+    """Untuned with K > 1024 (K blocks of 512) the thread runs its K blocks outer and its weight
+    panels inner (10 panels: 5 a thread); a tuned config keeps the panels outer: the same sums,
+    bit for bit."""
+    from accelkit.tuning.kernels import pack_config
+
+    rng = np.random.default_rng(9)
+    x, w = rng.standard_normal((40, 2100)).astype(np.float32), rng.standard_normal((2100, 300)).astype(np.float32)
+    b = rng.standard_normal(300).astype(np.float32)
+    outs = []
+    for config in (None, pack_config(threads=2, grain=4, kc=512)):
+        out = t(np.zeros((40, 300), np.float32))
+        k("dense")(t(x), t(pack_weight(w)), t(b), none(), 300, ACT_CODES["gelu"], 0, 0.0, 0.0, 1.0,
+                   *([] if config is None else [config]), out)
+        outs.append(out.numpy())
+    close(outs[0], ACTS["gelu"](x.astype(np.float64) @ w + b))
+    assert np.array_equal(outs[0], outs[1])
+
 @pytest.mark.parametrize("trans_b", [0, 1])
 @pytest.mark.parametrize("b_batch", ["same", "broadcast"])
 def test_bmm(k, isa, trans_b, b_batch):
