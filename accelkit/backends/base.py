@@ -346,6 +346,7 @@ class _VMRunner:
 
         # the kernel library's threaded copy, when it is loaded (the cpu backend's)
         self._copy = tvm_ffi.get_global_func("accelkit.cpu.copy", allow_missing=True)
+        self._from_dlpack = tvm_ffi.from_dlpack
         # the model's size, told to the kernels on the calling thread before each run: dense
         # layers split their rows, not their weights, when the model stays in the last-level cache
         self._model_bytes = int(model_bytes)
@@ -369,10 +370,8 @@ class _VMRunner:
                 return tvm.runtime.tensor(x, self._device)
             staged = self._staged[i] = (tensor, view)
         if self._copy is not None and x.nbytes >= _THREADED_COPY_BYTES:
-            import tvm_ffi
-
             try:
-                self._copy(tvm_ffi.from_dlpack(x), staged[0])
+                self._copy(self._from_dlpack(x), staged[0])
                 return staged[0]
             except (TypeError, ValueError, RuntimeError, BufferError):  # a dtype DLPack lacks
                 pass

@@ -1,8 +1,8 @@
-#include <unistd.h>
 /* GEMM driver (panel packing, work split, ISA dispatch), convolution and row kernels on top of
  * it, and the process's one parallel-for (TVM's thread pool when registered). */
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include "ak_kernels.h"
 
 int ak_force_portable = 0;
@@ -234,6 +234,35 @@ static inline void gemm_item(const ak_gemm_job* job, int64_t idx, int64_t* mc, i
   }
 }
 
+/* The row tiles [m_begin, m_end) of batch item bi against K block [k0, k0 + kb) of the panel
+ * at column n0 (panel_k: that block's kb x NR slice); the first two calls prefetch `next`. The
+ * partial sums of K blocks go through C exactly (same fp32 sums, same order). */
+static inline void panel_block(const ak_gemm_job* job, int64_t bi, int64_t n0, const float* panel_k,
+                               int64_t k0, int64_t kb, int64_t m_begin, int64_t m_end,
+                               const float* next) {
+  const ak_gemm* g = job->g;
+  const int nv = (int)(g->N - n0 < AK_NR ? g->N - n0 : AK_NR);
+  const float* a = g->a + bi * g->a_bstride;
+  float* c = g->c + bi * g->c_bstride + n0;
+  const float* bias = g->bias ? g->bias + bi * g->bias_bstride : NULL;
+  const float* res = g->res ? g->res + bi * g->r_bstride + n0 : NULL;
+  ak_epilogue epi = g->epi;
+  epi.accumulate = k0 > 0;
+  epi.raw = k0 + kb < g->K;
+  /* packed A comes in AK_MR-row micro-panels */
+  const int64_t step = g->a_prepacked ? AK_MR : even_rows(m_end - m_begin, job->rows);
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += step) {
+    const int mr = (int)(m_end - m0 < step ? m_end - m0 : step);
+    const float* at = g->a_prepacked ? a + (m0 / AK_MR) * g->K * AK_MR + k0 * AK_MR
+                                     : a + m0 * g->lda + k0;
+    epi.pf = slice_prefetch(next, (m0 - m_begin) / step, kb);
+    job->ukr(mr, kb, at, g->a_prepacked ? 0 : g->lda, panel_k, c + m0 * g->ldc, g->ldc, nv,
+             bias && g->epi.bias_mode == AK_BIAS_COL ? bias + n0 : NULL,
+             bias && g->epi.bias_mode == AK_BIAS_ROW ? bias + m0 : NULL,
+             res ? res + m0 * g->ldr : NULL, g->ldr, &epi);
+  }
+}
+
 static void gemm_range(int64_t begin, int64_t end, void* ctx) {
   const ak_gemm_job* job = (const ak_gemm_job*)ctx;
   const ak_gemm* g = job->g;
@@ -242,28 +271,14 @@ static void gemm_range(int64_t begin, int64_t end, void* ctx) {
   if (job->kouter) {
     /* K blocks outer, the thread's panels inner: a kc-deep block of A (all rows) stays in L2
      * across the thread's panels, instead of all of A streaming once per panel */
-    const int64_t kc = job->kc;
+    const int64_t kc = job->kc, slice = g->K * AK_NR;
     for (int64_t k0 = 0; k0 < g->K; k0 += kc) {
       const int64_t kb = g->K - k0 < kc ? g->K - k0 : kc;
-      ak_epilogue epi = g->epi;
-      epi.accumulate = k0 > 0;
-      epi.raw = k0 + kb < g->K;
-      const int64_t step = even_rows(g->M, job->rows);
       for (int64_t p = begin; p < end; ++p) {
-        const int64_t n0 = p * AK_NR;
-        const int nv = (int)(g->N - n0 < AK_NR ? g->N - n0 : AK_NR);
-        const float* panel = g->b + p * g->K * AK_NR + k0 * AK_NR;
-        const float* next = p + 1 < end ? g->b + (p + 1) * g->K * AK_NR + k0 * AK_NR
-                            : k0 + kb < g->K ? g->b + begin * g->K * AK_NR + (k0 + kb) * AK_NR
+        const float* next = p + 1 < end ? g->b + (p + 1) * slice + k0 * AK_NR
+                            : k0 + kb < g->K ? g->b + begin * slice + (k0 + kb) * AK_NR
                                              : NULL;
-        for (int64_t m0 = 0; m0 < g->M; m0 += step) {
-          const int mr = (int)(g->M - m0 < step ? g->M - m0 : step);
-          epi.pf = slice_prefetch(next, m0 / step, kb);
-          job->ukr(mr, kb, g->a + m0 * g->lda + k0, g->lda, panel, g->c + m0 * g->ldc + n0,
-                   g->ldc, nv, g->bias && g->epi.bias_mode == AK_BIAS_COL ? g->bias + n0 : NULL,
-                   g->bias && g->epi.bias_mode == AK_BIAS_ROW ? g->bias + m0 : NULL,
-                   g->res ? g->res + m0 * g->ldr + n0 : NULL, g->ldr, &epi);
-        }
+        panel_block(job, 0, p * AK_NR, g->b + p * slice + k0 * AK_NR, k0, kb, 0, g->M, next);
       }
     }
     return;
@@ -273,7 +288,6 @@ static void gemm_range(int64_t begin, int64_t end, void* ctx) {
     gemm_item(job, idx, &mc, &p, &bi);
     const int64_t bp = bi * job->P + p;
     const int64_t n0 = p * AK_NR;
-    const int nv = (int)(g->N - n0 < AK_NR ? g->N - n0 : AK_NR);
     const float* panel;
     if (g->b_prepacked) {
       panel = g->b + bi * g->b_bstride + p * g->K * AK_NR;
@@ -288,12 +302,8 @@ static void gemm_range(int64_t begin, int64_t end, void* ctx) {
     }
     const int64_t m_begin = mc * job->mrows;
     const int64_t m_end = m_begin + job->mrows < g->M ? m_begin + job->mrows : g->M;
-    const float* a = g->a + bi * g->a_bstride;
-    float* c = g->c + bi * g->c_bstride + n0;
-    const float* bias = g->bias ? g->bias + bi * g->bias_bstride : NULL;
-    const float* res = g->res ? g->res + bi * g->r_bstride + n0 : NULL;
     /* K blocks (tuned): the panel's kc x NR slice stays in L1 while every row tile of the chunk
-     * runs over it; the partial sums go through C exactly (same fp32 sums, same order) */
+     * runs over it */
     const int64_t kc = job->kc;
     /* packed weights: prefetch the slice this thread takes next (the next K block of this panel,
      * or the next item's panel at k = 0) */
@@ -305,23 +315,9 @@ static void gemm_range(int64_t begin, int64_t end, void* ctx) {
     }
     for (int64_t k0 = 0; k0 < g->K; k0 += kc) {
       const int64_t kb = g->K - k0 < kc ? g->K - k0 : kc;
-      ak_epilogue epi = g->epi;
-      epi.accumulate = k0 > 0;
-      epi.raw = k0 + kb < g->K;
       const float* next = !g->b_prepacked ? NULL
                           : k0 + kb < g->K ? panel + (k0 + kb) * AK_NR : next_item;
-      /* packed A comes in AK_MR-row micro-panels */
-      const int64_t step = g->a_prepacked ? AK_MR : even_rows(m_end - m_begin, job->rows);
-      for (int64_t m0 = m_begin; m0 < m_end; m0 += step) {
-        const int mr = (int)(m_end - m0 < step ? m_end - m0 : step);
-        const float* at = g->a_prepacked ? a + (m0 / AK_MR) * g->K * AK_MR + k0 * AK_MR
-                                         : a + m0 * g->lda + k0;
-        epi.pf = slice_prefetch(next, (m0 - m_begin) / step, kb);
-        job->ukr(mr, kb, at, g->a_prepacked ? 0 : g->lda, panel + k0 * AK_NR, c + m0 * g->ldc,
-                 g->ldc, nv, bias && g->epi.bias_mode == AK_BIAS_COL ? bias + n0 : NULL,
-                 bias && g->epi.bias_mode == AK_BIAS_ROW ? bias + m0 : NULL,
-                 res ? res + m0 * g->ldr : NULL, g->ldr, &epi);
-      }
+      panel_block(job, bi, n0, panel + k0 * AK_NR, k0, kb, m_begin, m_end, next);
     }
   }
 }
@@ -332,7 +328,7 @@ static void gemm_range(int64_t begin, int64_t end, void* ctx) {
  * each run's calling thread the model's size), the threads split the rows instead: each reads
  * all the weights, from that cache, but only its own rows of A and C, which the thread that
  * ran the previous layer's rows wrote, so nothing crosses between the cores' L2 caches. Same
- * process: all-MiniLM-L6-v2 (90 MB) 1.04-1.05x, the MLP (6 MB) 1.02x; BERT-base (440 MB,
+ * process: all-MiniLM-L6-v2 (90 MB) 1.03x, the MLP (6 MB) 1.01-1.02x; BERT-base (434 MB,
  * weights from memory) went 0.97-0.99x with it, so it keeps the panel split. */
 static __thread int64_t t_model_bytes = 0;
 
