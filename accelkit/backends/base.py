@@ -317,7 +317,7 @@ def _target_config(target) -> dict[str, Any]:
 
 # inputs this large are staged by the kernel library's copy on every pool thread: a copy from L3
 # or memory runs at about 12 GB/s a core here (MobileNetV2's 0.6 MB image: 27 -> 13 us hot,
-# 48 -> 25 us between runs); below it, numpy's copy is cheaper than the call
+# 48 -> 32 us between runs); below it, numpy's copy is cheaper than the call
 _THREADED_COPY_BYTES = 128 * 1024
 
 

@@ -663,7 +663,7 @@ static int ak_conv2d_nhwc_i8(void* self, const TVMFFIAny* args, int32_t n, TVMFF
 /* copy(src, dst): dst's bytes become src's (same dtype and shape, both contiguous CPU tensors),
  * in 64 KB chunks over the pool's threads. The runner stages a caller's input this way: a copy
  * from memory or L3 runs at about 12 GB/s on one core here, and the input of an image model is
- * 0.6 MB (MobileNetV2: 48 -> 25 us). */
+ * 0.6 MB (MobileNetV2, between runs: 48 -> 32 us). */
 typedef struct {
   char* dst;
   const char* src;
