@@ -235,6 +235,103 @@ def test_bmm_adds_a_broadcast_residual(k, isa, res_shape):
     close(out.numpy(), 0.5 * (a.astype(np.float64) @ np.swapaxes(b, -1, -2)) + r)
 
 
+def attention_ref(q, k, v, mask, scale):
+    """Multi-head attention in float64, q/k/v/out heads-interleaved [B, S, H, D]."""
+    q4, kt, v4 = (np.asarray(x, np.float64) for x in (q.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1),
+                                                       v.transpose(0, 2, 1, 3)))
+    s = scale * (q4 @ kt) + (0.0 if mask is None else mask)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return ((p / p.sum(-1, keepdims=True)) @ v4).transpose(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize("shape,mask_shape", [
+    ((1, 128, 128, 12, 32, 32), (1, 1, 128, 128)),  # all-MiniLM-L6-v2's heads, its mask
+    ((2, 17, 45, 3, 20, 40), (2, 1, 1, 45)),        # per batch item; Sk, D, Dv off the tiles
+    ((1, 5, 33, 1, 64, 7), None),                   # one head, no mask, a short last V panel
+    ((2, 9, 70, 4, 8, 8), (4, 9, 70)),              # per head and row; 3 row blocks per head
+    ((3, 1, 1, 2, 5, 3), (1,)),                     # one query, one key
+    ((1, 37, 20, 3, 16, 16), (37, 20)),             # 3 heads on 2 threads: rows split unevenly
+])
+def test_attention(k, isa, shape, mask_shape):
+    """The fused kernel against float64 numpy: both head layouts, every broadcast of the mask,
+    tails of every tile (rows, key panels, value panels) and a split of a head's rows."""
+    b, s, sk, h, d, dv = shape
+    rng = np.random.default_rng(11)
+    q, kk = (rng.standard_normal((b, n, h, d)).astype(np.float32) for n in (s, sk))
+    v = rng.standard_normal((b, sk, h, dv)).astype(np.float32)
+    mask = rng.standard_normal(mask_shape).astype(np.float32) * 3 if mask_shape else None
+    out = t(np.full((b, s, h, dv), np.nan, np.float32))
+    k("attention")(t(q), t(kk), t(v), t(mask) if mask_shape else none(), 0.3, out)
+    close(out.numpy(), attention_ref(q, kk, v, mask, 0.3), tol=1e-6)
+
+
+def test_attention_matches_the_unfused_calls_bit_for_bit(k, isa):
+    """The same micro-kernel and softmax as bmm -> softmax -> bmm, in the same order: a fused
+    model's outputs equal the unfused one's exactly. A fully masked row (the exporters' -FLT_MAX)
+    averages the values, as onnxruntime does."""
+    b, s, h, d = 2, 24, 3, 16
+    rng = np.random.default_rng(12)
+    q, kk, v = (rng.standard_normal((b, s, h, d)).astype(np.float32) for _ in range(3))
+    mask = np.where(rng.random((b, 1, s, s)) < 0.3, np.finfo(np.float32).min, 0).astype(np.float32)
+    mask[:, :, 5] = np.finfo(np.float32).min
+    out = t(np.zeros((b, s, h, d), np.float32))
+    k("attention")(t(q), t(kk), t(v), t(mask), 0.25, out)
+    scores, probs, ctx = (t(np.zeros(shape, np.float32)) for shape in ((b, h, s, s), (b, h, s, s), (b, h, s, d)))
+    k("bmm")(t(q.transpose(0, 2, 1, 3)), t(kk.transpose(0, 2, 3, 1)), t(np.broadcast_to(mask, (b, h, s, s))), 0, 0.25,
+             scores)
+    k("softmax")(scores, probs)
+    k("bmm")(probs, t(v.transpose(0, 2, 1, 3)), none(), 0, 1.0, ctx)
+    np.testing.assert_array_equal(out.numpy(), ctx.numpy().transpose(0, 2, 1, 3))
+    np.testing.assert_allclose(out.numpy()[:, 5], np.broadcast_to(v.mean(1), (b, h, d)), rtol=1e-5, atol=1e-6)
+    close(out.numpy(), attention_ref(q, kk, v, np.maximum(mask, -1e30), 0.25), tol=1e-6)
+
+
+def test_attention_same_result_under_every_thread_count(k, isa):
+    """One thread, all of them, and all with the rows of each head split in blocks (3 heads over
+    2 threads): the same bits."""
+    from accelkit.tuning.kernels import pack_config
+
+    rng = np.random.default_rng(13)
+    q, kk, v = (rng.standard_normal((1, 40, 3, 24)).astype(np.float32) for _ in range(3))
+    ref = None
+    for config in (0, pack_config(threads=1), pack_config(threads=2)):
+        out = t(np.zeros((1, 40, 3, 24), np.float32))
+        k("attention")(t(q), t(kk), t(v), none(), 0.5, config, out)
+        ref = out.numpy() if ref is None else (np.testing.assert_array_equal(out.numpy(), ref) or ref)
+    close(ref, attention_ref(q, kk, v, None, 0.5), tol=1e-6)
+
+
+def test_attention_refuses_bad_arguments(k):
+    q, kk, v = (np.zeros((1, 4, 2, 8), np.float32) for _ in range(3))
+    out = t(np.zeros((1, 4, 2, 8), np.float32))
+    att = k("attention")
+    with pytest.raises(ValueError, match=r"k must be \[B=1, Sk, H=2, D=8\] like q"):
+        att(t(q), t(np.zeros((1, 4, 2, 6), np.float32)), t(v), none(), 1.0, out)
+    with pytest.raises(ValueError, match=r"v must be \[B=1, Sk=5, H=2, Dv\]"):
+        att(t(q), t(np.zeros((1, 5, 2, 8), np.float32)), t(v), none(), 1.0, out)
+    with pytest.raises(ValueError, match=r"out must be \[B, S, H, Dv\] = \[1, 4, 2, 8\]"):
+        att(t(q), t(kk), t(v), none(), 1.0, t(np.zeros((1, 2, 4, 8), np.float32)))
+    with pytest.raises(ValueError, match=r"mask must broadcast to the scores \[B, H, S, Sk\] = \[1, 2, 4, 4\]"):
+        att(t(q), t(kk), t(v), t(np.zeros((3, 4, 4), np.float32)), 1.0, out)
+    with pytest.raises(ValueError, match="mask must broadcast"):
+        att(t(q), t(kk), t(v), t(np.zeros((4, 1), np.float32)), 1.0, out)
+    with pytest.raises(ValueError, match="head size D=0"):
+        att(t(np.zeros((1, 4, 2, 0), np.float32)), t(np.zeros((1, 4, 2, 0), np.float32)), t(v), none(), 1.0, out)
+    with pytest.raises(ValueError, match="q must have rank 4..4"):
+        att(t(q[0]), t(kk), t(v), none(), 1.0, out)
+    with pytest.raises(TypeError, match="v must be float32"):
+        att(t(q), t(kk), t(v.astype(np.float64)), none(), 1.0, out)
+    with pytest.raises(ValueError, match="k must be contiguous"):
+        import tvm_ffi
+        att(t(q), tvm_ffi.from_dlpack(np.zeros((1, 2, 4, 8), np.float32).transpose(0, 2, 1, 3)), t(v), none(), 1.0, out)
+    with pytest.raises(TypeError, match="expected 6 arguments"):
+        att(t(q), t(kk), t(v), none(), out)
+    # no keys: the softmax is over nothing and the context is zeros
+    out = t(np.full((1, 4, 2, 8), np.nan, np.float32))
+    att(t(q), t(np.zeros((1, 0, 2, 8), np.float32)), t(np.zeros((1, 0, 2, 8), np.float32)), none(), 1.0, out)
+    np.testing.assert_array_equal(out.numpy(), 0)
+
+
 def with_epilogue(want, r, act, res):
     """The kernels' epilogue on a reference result: residual r before (res 1) or after (res 2)
     the activation."""

@@ -131,6 +131,68 @@ def test_attention_mask_is_added_in_the_scores_kernel(mask_shape, fused):
     check(proto, {"cpu.bmm_scaled_masked" if fused else "cpu.bmm_scaled": 1, "cpu.softmax": 1})
 
 
+def mha_model(b=2, s=12, heads=3, d=8, scale_op="Div", mask_shape=(2, 1, 1, 12), k_perms=((0, 2, 3, 1),),
+              merge=True):
+    """Multi-head self-attention as torch exports a transformer layer: projections reshaped to
+    [B, S, H, D], the heads transposed out, scores scaled and masked, softmax, the context
+    transposed back and merged, then the output projection."""
+    rng = np.random.default_rng(21)
+    e = heads * d
+    nodes, inits = [], [const("scale", math.sqrt(d) if scale_op == "Div" else 1 / math.sqrt(d)),
+                        numpy_helper.from_array(np.array([b, s, heads, d], np.int64), "split"),
+                        numpy_helper.from_array(np.array([b, s, e], np.int64), "merged")]
+    for name in "qkv":
+        inits += [const(f"W{name}", rng.standard_normal((e, e)) * 0.3), const(f"b{name}", rng.standard_normal(e))]
+        nodes += [helper.make_node("MatMul", ["x", f"W{name}"], [f"{name}m"]),
+                  helper.make_node("Add", [f"{name}m", f"b{name}"], [f"{name}p"]),
+                  helper.make_node("Reshape", [f"{name}p", "split"], [f"{name}s"])]
+    nodes += [helper.make_node("Transpose", ["qs"], ["q4"], perm=[0, 2, 1, 3]),
+              helper.make_node("Transpose", ["vs"], ["v4"], perm=[0, 2, 1, 3])]
+    src = "ks"
+    for i, perm in enumerate(k_perms):
+        nodes.append(helper.make_node("Transpose", [src], [f"kt{i}"], perm=list(perm)))
+        src = f"kt{i}"
+    nodes += [helper.make_node("MatMul", ["q4", src], ["qk"]), helper.make_node(scale_op, ["qk", "scale"], ["sc"])]
+    inputs = [helper.make_tensor_value_info("x", F, [b, s, e])]
+    scores = "sc"
+    if mask_shape is not None:
+        inputs.append(helper.make_tensor_value_info("mask", F, list(mask_shape)))
+        nodes.append(helper.make_node("Add", ["sc", "mask"], ["sm"]))
+        scores = "sm"
+    nodes += [helper.make_node("Softmax", [scores], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v4"], ["ctx"])]
+    if merge:
+        inits.append(const("Wo", rng.standard_normal((e, e)) * 0.3))
+        nodes += [helper.make_node("Transpose", ["ctx"], ["ctxt"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Reshape", ["ctxt", "merged"], ["ctxm"]),
+                  helper.make_node("MatMul", ["ctxm", "Wo"], ["y"])]
+        out = helper.make_tensor_value_info("y", F, [b, s, e])
+    else:
+        out = helper.make_tensor_value_info("ctx", F, [b, heads, s, d])
+    return make_model(nodes, inputs, [out], inits)
+
+
+@pytest.mark.parametrize("scale_op,mask_shape,k_perms,name", [
+    ("Div", (2, 1, 1, 12), [(0, 2, 3, 1)], "attention_scaled_masked"),     # BERT's export, batch 2
+    ("Mul", (1, 1, 12, 12), [(0, 2, 3, 1)], "attention_scaled_masked"),    # all-MiniLM-L6-v2's
+    ("Mul", (2, 3, 12, 12), [(0, 2, 1, 3), (0, 1, 3, 2)], "attention_scaled_masked"),  # K^T in two steps
+    ("Div", None, [(0, 2, 3, 1)], "attention_scaled"),
+])
+def test_multi_head_attention_is_one_kernel_call(scale_op, mask_shape, k_perms, name):
+    """The head split, scores, scale, mask, softmax, context and head merge: one attention call
+    between the projections (no transpose, bmm or softmax left), the output onnxruntime's."""
+    check(mha_model(scale_op=scale_op, mask_shape=mask_shape, k_perms=k_perms),
+          {f"cpu.{name}": 1, "cpu.dense_bias": 3, "cpu.dense": 1})
+
+
+def test_attention_not_in_the_exporters_form_stays_unfused():
+    """A context left head-major (no merge transpose) and a mask that is one value per query row
+    ([B, 1, S, 1], not [..., Sk]) are not the attention kernel's: bmm, softmax and TVM take
+    them (the bmm kernel adds neither mask), still correct."""
+    check(mha_model(merge=False), {"cpu.bmm_scaled": 1, "cpu.softmax": 1, "cpu.bmm": 1, "cpu.dense_bias": 3})
+    check(mha_model(mask_shape=(2, 1, 12, 1)),
+          {"cpu.bmm_scaled": 1, "cpu.softmax": 1, "cpu.bmm": 1, "cpu.dense_bias": 3, "cpu.dense": 1})
+
+
 def test_variants_without_a_kernel_fall_back_to_tvm():
     """Conv1D (no kernel) and a float64 MatMul stay with TVM-generated code and stay correct."""
     rng = np.random.default_rng(6)

@@ -22,22 +22,27 @@ SEQ, HID, HEADS = 64, 128, 4
 
 
 def attention_model(seed=0):
-    """One attention block, as exporters write it: projections (kernels), head reshapes and
-    transposes (TVM-generated), scores + softmax + context (kernels), output projection + residual."""
+    """One causal attention block, as GPT-2 exports it: projections (kernels), head reshapes and
+    transposes and the causal mask by Where (TVM-generated: a Where between the scores and the
+    softmax is not the fused attention kernel's form), scores + softmax + context (kernels),
+    output projection + residual."""
     rng = np.random.default_rng(seed)
     dh = HID // HEADS
     inits = [numpy_helper.from_array((rng.standard_normal((HID, HID)) * 0.1).astype("float32"), n)
              for n in ("Wq", "Wk", "Wv", "Wo")]
     inits += [numpy_helper.from_array(np.array([1, SEQ, HEADS, dh], np.int64), "split"),
               numpy_helper.from_array(np.array([1, SEQ, HID], np.int64), "merge"),
-              numpy_helper.from_array(np.array(1 / np.sqrt(dh), np.float32), "scale")]
+              numpy_helper.from_array(np.array(1 / np.sqrt(dh), np.float32), "scale"),
+              numpy_helper.from_array(np.tril(np.ones((SEQ, SEQ), bool))[None, None], "causal"),
+              numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "masked")]
     nodes = []
     for n in "qkv":
         nodes += [helper.make_node("MatMul", ["x", f"W{n}"], [f"{n}0"]),
                   helper.make_node("Reshape", [f"{n}0", "split"], [f"{n}1"]),
                   helper.make_node("Transpose", [f"{n}1"], [n], perm=[0, 2, 1, 3] if n != "k" else [0, 2, 3, 1])]
     nodes += [helper.make_node("MatMul", ["q", "k"], ["s0"]),
-              helper.make_node("Mul", ["s0", "scale"], ["s"]),
+              helper.make_node("Mul", ["s0", "scale"], ["s1"]),
+              helper.make_node("Where", ["causal", "s1", "masked"], ["s"]),
               helper.make_node("Softmax", ["s"], ["p"], axis=-1),
               helper.make_node("MatMul", ["p", "v"], ["c0"]),
               helper.make_node("Transpose", ["c0"], ["c1"], perm=[0, 2, 1, 3]),

@@ -8,7 +8,10 @@ to accelkit's C kernels (accelkit._kernels, one TVM-FFI call each, no Python in 
   run as a GEMM over output pixels x output channels; any stride/padding/dilation, groups
   (depthwise has its own kernel, vectorised over channels), fused with bias, residual and
   activation the same way. With layout="nchw", an NCHW/OIHW kernel does the same;
-- bmm: batched matmul of two activations (attention), with a scalar scale folded in;
+- attention: multi-head attention (scores, scale, mask, softmax, context and the head
+  split/merge transposes around them) as one call, reading q/k/v in the projections' layout;
+- bmm: batched matmul of two activations (attention not in that form), with a scalar scale and
+  a broadcast mask folded in;
 - layer_norm over the last axis; softmax over the last axis.
 
 Whatever is not matched (or fails a check: dtype, symbolic shape, an unsupported attribute)
@@ -770,6 +773,76 @@ def bmm_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.bmm") -> list[
     return result
 
 
+def _scores_broadcast(mask: tuple[int, ...], scores: tuple[int, ...]) -> bool:
+    """Whether `mask` broadcasts (numpy) to the attention scores [B, H, S, Sk], its last dim Sk."""
+    if not mask or len(mask) > len(scores) or mask[-1] != scores[-1]:
+        return False
+    return all(m in (s, 1) for m, s in zip(reversed(mask), reversed(scores)))
+
+
+def attention_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.attention") -> list[KernelPattern]:
+    """Multi-head attention as the exporters write it, heads split from and merged back into the
+    projections' [B, S, H, D] layout:
+
+        q4 = permute(q, [0, 2, 1, 3]); v4 = permute(v, [0, 2, 1, 3])
+        kt = permute(k, [0, 2, 3, 1]), or permute(permute(k, [0, 2, 1, 3]), [0, 1, 3, 2])
+        out = permute(softmax(matmul(q4, kt) [* or / scale] [+ mask]) @ v4, [0, 2, 1, 3])
+
+    -> one kernel call: the four transposes, both matmuls and the softmax (the scores stay in
+    the thread's cache). q, k and v are the projections' outputs reshaped to [B, S, H, D], a view."""
+    from tvm.relax.dpl import is_const, is_op, wildcard
+
+    result = []
+    for masked, scale, k_steps in itertools.product((True, False), ("divide", "multiply", None), (1, 2)):
+        q, k, v, c, mask = wildcard(), wildcard(), wildcard(), is_const(), wildcard()
+        q4, k4, v4 = (is_op("relax.permute_dims")(x) for x in (q, k, v))
+        kt = k4 if k_steps == 1 else is_op("relax.permute_dims")(k4)
+        core = is_op("relax.matmul")(q4, kt)
+        scaled = {"divide": is_op("relax.divide")(core, c),
+                  "multiply": _commutative("relax.multiply", core, c), None: core}[scale]
+        scores = _commutative("relax.add", scaled, mask) if masked else scaled
+        probs = is_op("relax.nn.softmax")(scores)
+        context = is_op("relax.matmul")(probs, v4)
+        root = is_op("relax.permute_dims")(context)
+
+        def build(matches, q=q, k=k, v=v, c=c, mask=mask, q4=q4, k4=k4, kt=kt, v4=v4, core=core,
+                  scores=scores, probs=probs, root=root, scale=scale, masked=masked, k_steps=k_steps):
+            head_major = [0, 2, 1, 3]
+            k_perms = ((k4, [0, 2, 3, 1]),) if k_steps == 1 else ((k4, head_major), (kt, [0, 1, 3, 2]))
+            for node, axes in ((q4, head_major), *k_perms, (v4, head_major), (root, head_major)):
+                got = matches[node].attrs.axes
+                if got is None or [int(a) for a in got] != axes:
+                    return None
+            qs, ks, vs = (_f32(matches[x], (4,)) for x in (q, k, v))
+            ss, out = _f32(matches[core], (4,)), _f32(matches[root], (4,))
+            if qs is None or ks is None or vs is None or ss is None or out is None:
+                return None
+            (b, s, h, d), sk = qs, ks[1]
+            if ks != (b, sk, h, d) or vs[:3] != (b, sk, h) or out != (b, s, h, vs[3]) or d == 0:
+                return None
+            if int(matches[probs].attrs.axis) % 4 != 3 or _f32(matches[scores]) != ss:
+                return None
+            factor = 1.0
+            if scale:
+                value = _scalar(matches[c])
+                if value is None or value == 0.0:
+                    return None
+                factor = 1.0 / value if scale == "divide" else value
+            res = _empty()
+            if masked:
+                ms = _f32(matches[mask], range(1, 5))
+                if ms is None or not _scores_broadcast(ms, ss):
+                    return None
+                res = matches[mask]
+            return [matches[q], matches[k], matches[v], res] + _floats(factor)
+
+        ops = (["relax.permute_dims", "relax.matmul", "relax.nn.softmax"] + ([f"relax.{scale}"] if scale else [])
+               + (["relax.add"] if masked else []))
+        result.append(KernelPattern(f"{prefix}.attention{'_scaled' if scale else ''}{'_masked' if masked else ''}",
+                                    root, (), kernel, build=build, requires=frozenset(ops)))
+    return result
+
+
 def norm_patterns(prefix: str = "cpu") -> list[KernelPattern]:
     """layer_norm over the last axis (constant gamma/beta) and softmax over the last axis."""
     from tvm.relax.dpl import is_const, is_op, wildcard
@@ -875,7 +948,7 @@ class CPUBackend(TVMBackend):
             dense = dense_w16_patterns(precision, keep=keep) + dense_patterns()
         else:
             dense = dense_patterns()
-        return convs + dense + bmm_patterns() + norm_patterns()
+        return convs + dense + attention_patterns() + bmm_patterns() + norm_patterns()
 
     def patterns_for(self, options: CompileOptions):
         return self.patterns(winograd=_choice(options, "winograd", WINOGRAD) == "auto",

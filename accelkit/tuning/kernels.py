@@ -15,7 +15,8 @@ import numpy as np
 
 # kernel -> argument count without the optional config (the config goes just before `out`)
 KERNELS = {"accelkit.cpu.dense": 10, "accelkit.cpu.bmm": 5, "accelkit.cpu.conv2d": 16,
-           "accelkit.cpu.conv2d_nhwc": 16, "accelkit.cpu.layer_norm": 4, "accelkit.cpu.softmax": 1}
+           "accelkit.cpu.conv2d_nhwc": 16, "accelkit.cpu.layer_norm": 4, "accelkit.cpu.softmax": 1,
+           "accelkit.cpu.attention": 5}
 GEMM_KERNELS = ("accelkit.cpu.dense", "accelkit.cpu.bmm", "accelkit.cpu.conv2d", "accelkit.cpu.conv2d_nhwc")
 MARGIN = 0.03  # a config must be this much faster than untuned to be kept (noise on 2 cores)
 
@@ -86,7 +87,7 @@ class KernelTask:
                         for loop in loops:
                             for kc in blocks if grain in (1, 4) else (0,):
                                 out.append(pack_config(threads, grain, order, loop, kc))
-        else:  # layer norm / softmax: serial or parallel
+        else:  # layer norm / softmax / attention: serial or parallel
             out += [pack_config(threads=t) for t in thread_options]
         return list(dict.fromkeys(out))
 

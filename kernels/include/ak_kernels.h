@@ -159,6 +159,21 @@ void ak_layer_norm_f32(const float* x, const float* gamma, const float* beta, fl
 /* out[r] = softmax(x[r]) over rows of length D. */
 void ak_softmax_f32(const float* x, float* out, int64_t rows, int64_t D, int threads);
 
+/* Scaled dot-product attention, heads interleaved as the projections write them:
+ *   out[b, s, h, :] = softmax(scale * q[b, s, h, :] . k[b, j, h, :] + mask[b, h, s, j] over j)
+ *                     @ v[b, :, h, :]
+ * q [B][S][H][D], k [B][Sk][H][D], v [B][Sk][H][Dv], out [B][S][H][Dv], row-major. mask (NULL:
+ * none) is read at b * m_sb + h * m_sh + s * m_sr + j (a stride of 0 broadcasts). One call: the
+ * head split/merge transposes, both matmuls and the softmax. */
+typedef struct {
+  const float *q, *k, *v, *mask;
+  float* out;
+  int64_t B, S, Sk, H, D, Dv;
+  int64_t m_sb, m_sh, m_sr;
+  float scale;
+} ak_attention;
+void ak_attention_f32(const ak_attention* a, int threads);
+
 /* int8 dense (u8 activations x s8 weights, int32 sums, fp32 out):
  *   out = epilogue(scale * dequant(q(x) @ wq) + bias)
  * Each row of x is quantized when the call runs (dynamic, asymmetric): a_scale = (max(x, 0) -
@@ -335,7 +350,16 @@ typedef struct {
   ak_wino_out_fn wino_out;
   int rows; /* rows ukr takes in one call with a row-major A (lda > 0); packed A: AK_MR */
   int segments; /* ukr honours ak_epilogue.nseg (row-major A only) */
+  /* NULL: ak_pack_t_portable. dst[p][c][j] = src[(p*NR + j)*lds + c] for rows x cols of src
+   * (row stride lds < 2^25): the transpose of rows into B panels (attention's K^T), zeros past
+   * the last row */
+  void (*pack_t)(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst);
+  /* NULL: softmax_row per row. out = softmax(x) over rows of D (row stride ld for both; out
+   * may be x), the same values as softmax_row, several rows interleaved so that one row's
+   * reductions and exp chains overlap the others' */
+  void (*softmax_rows)(const float* x, float* out, int64_t ld, int64_t rows, int64_t D);
 } ak_isa_table;
+void ak_pack_t_portable(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst);
 extern const ak_isa_table ak_portable_table;
 extern const ak_isa_table ak_avx2_table;
 extern const ak_isa_table ak_avx512_table;

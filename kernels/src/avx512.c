@@ -233,6 +233,69 @@ static void softmax_row_avx512(const float* x, const float* gamma, const float* 
   }
 }
 
+/* exp(x) for x <= 0 (softmax's x - max): v_exp without the upper clamp, the same values. */
+AK_INLINE __m512 v_exp_nonpos(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3365447505531f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040.f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+/* NR rows of softmax_row_avx512 at once, interleaved: one row's reductions and exp chains
+ * overlap the others'. Per row the same operations in the same order, so the same bits. */
+AK_INLINE void softmax_rows_body(const int NR, const float* x, float* out, int64_t ld, int64_t D) {
+  const int64_t full = D & ~(int64_t)15;
+  const __mmask16 tail = tail_mask(D - full);
+  __m512 mx[4], sum[4], mv[4];
+  for (int r = 0; r < NR; ++r) mx[r] = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < full; j += 16)
+    for (int r = 0; r < NR; ++r) mx[r] = _mm512_max_ps(mx[r], _mm512_loadu_ps(x + r * ld + j));
+  if (tail)
+    for (int r = 0; r < NR; ++r)
+      mx[r] = _mm512_mask_max_ps(mx[r], tail, mx[r], _mm512_maskz_loadu_ps(tail, x + r * ld + full));
+  for (int r = 0; r < NR; ++r) {
+    mv[r] = _mm512_set1_ps(_mm512_reduce_max_ps(mx[r]));
+    sum[r] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < full; j += 16)
+    for (int r = 0; r < NR; ++r) {
+      const __m512 e = v_exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(x + r * ld + j), mv[r]));
+      sum[r] = _mm512_add_ps(sum[r], e);
+      _mm512_storeu_ps(out + r * ld + j, e);
+    }
+  if (tail)
+    for (int r = 0; r < NR; ++r) {
+      const __m512 e = _mm512_maskz_mov_ps(
+          tail, v_exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, x + r * ld + full), mv[r])));
+      sum[r] = _mm512_add_ps(sum[r], e);
+      _mm512_mask_storeu_ps(out + r * ld + full, tail, e);
+    }
+  for (int r = 0; r < NR; ++r) mv[r] = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum[r]));
+  for (int64_t j = 0; j < full; j += 16)
+    for (int r = 0; r < NR; ++r)
+      _mm512_storeu_ps(out + r * ld + j, _mm512_mul_ps(_mm512_loadu_ps(out + r * ld + j), mv[r]));
+  if (tail)
+    for (int r = 0; r < NR; ++r)
+      _mm512_mask_storeu_ps(out + r * ld + full, tail,
+                            _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, out + r * ld + full), mv[r]));
+}
+
+static void softmax_rows_avx512(const float* x, float* out, int64_t ld, int64_t rows, int64_t D) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) softmax_rows_body(4, x + r * ld, out + r * ld, ld, D);
+  for (; r < rows; ++r) softmax_rows_body(1, x + r * ld, out + r * ld, ld, D);
+}
+
 static void dw_plane_avx512(const float* pad, int64_t Wp, const float* w, const ak_conv_geom* g,
                             float bias, const float* res, float* out, const ak_epilogue* epi) {
   const __m512 b = _mm512_set1_ps(bias);
@@ -567,9 +630,29 @@ static void wino_out_avx512(const float* mt, int64_t mstride, int64_t nc, float*
   }
 }
 
+/* Attention's K^T panels: per column c, the 32 rows of a panel by two gathers (lds < 2^25, so
+ * the byte offsets fit the gather's int32 indices). */
+static void pack_t_avx512(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst) {
+  const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i idx = _mm512_mullo_epi32(lanes, _mm512_set1_epi32((int)lds));
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t r0 = 0; r0 < rows; r0 += AK_NR) {
+    float* d = dst + (r0 / AK_NR) * cols * AK_NR;
+    const int64_t nv = rows - r0 < AK_NR ? rows - r0 : AK_NR;
+    const __mmask16 m0 = tail_mask(nv), m1 = nv > 16 ? tail_mask(nv - 16) : 0;
+    const float* s0 = src + r0 * lds;
+    const float* s1 = nv > 16 ? s0 + 16 * lds : s0;
+    for (int64_t c = 0; c < cols; ++c) {
+      _mm512_store_ps(d + c * AK_NR, _mm512_mask_i32gather_ps(zero, m0, idx, s0 + c, 4));
+      _mm512_store_ps(d + c * AK_NR + 16, _mm512_mask_i32gather_ps(zero, m1, idx, s1 + c, 4));
+    }
+  }
+}
+
 const ak_isa_table ak_avx512_table = {ukr_avx512, im2col_avx512, dw_plane_avx512, row_epi_avx512, layer_norm_row_avx512,
                                       softmax_row_avx512, dw_nhwc_row_avx512,
-                                      wino_in_avx512, wino_out_avx512, AK_MR, 1};
+                                      wino_in_avx512, wino_out_avx512, AK_MR, 1, pack_t_avx512,
+                                      softmax_rows_avx512};
 
 /* ---- int8: row quantization and the AVX512-VNNI micro-kernel ------------------------------ */
 

@@ -753,6 +753,64 @@ static int ak_softmax(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* r
   return 0;
 }
 
+/* attention(q[B, S, H, D], k[B, Sk, H, D], v[B, Sk, H, Dv], mask | [0], scale, out[B, S, H, Dv]):
+ * out[b, s, h] = softmax(scale * q[b, s, h] . k[b, :, h] + mask[b, h, s]) @ v[b, :, h], the
+ * heads as the projections lay them out; mask broadcasts (numpy) to the scores [B, H, S, Sk]. */
+static int ak_attention_call(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
+  (void)self; (void)result;
+  ak_call c = {"accelkit.cpu.attention", args, n};
+  AK_TRY(ak_nargs(&c, 6, "q, k, v, mask, scale, out"));
+  DLTensor *q, *k, *v, *mask, *out;
+  AK_NEED(q = ak_f32(&c, 0, "q", 4, 4));
+  AK_NEED(k = ak_f32(&c, 1, "k", 4, 4));
+  AK_NEED(v = ak_f32(&c, 2, "v", 4, 4));
+  AK_NEED(mask = ak_f32(&c, 3, "mask", 1, 4));
+  AK_NEED(out = ak_f32(&c, n - 1, "out", 4, 4));
+  ak_tuning tune;
+  AK_TRY(ak_config(&c, 6, &tune));
+  ak_attention a;
+  memset(&a, 0, sizeof(a));
+  AK_TRY(ak_float(&c, 4, "scale", &a.scale));
+  a.B = q->shape[0]; a.S = q->shape[1]; a.H = q->shape[2]; a.D = q->shape[3];
+  a.Sk = k->shape[1]; a.Dv = v->shape[3];
+  if (k->shape[0] != a.B || k->shape[2] != a.H || k->shape[3] != a.D)
+    return ak_fail(&c, "ValueError", "k must be [B=%lld, Sk, H=%lld, D=%lld] like q, got [%lld, "
+                   "%lld, %lld, %lld]", (long long)a.B, (long long)a.H, (long long)a.D,
+                   (long long)k->shape[0], (long long)k->shape[1], (long long)k->shape[2],
+                   (long long)k->shape[3]);
+  if (v->shape[0] != a.B || v->shape[1] != a.Sk || v->shape[2] != a.H)
+    return ak_fail(&c, "ValueError", "v must be [B=%lld, Sk=%lld, H=%lld, Dv], got [%lld, %lld, "
+                   "%lld, %lld]", (long long)a.B, (long long)a.Sk, (long long)a.H,
+                   (long long)v->shape[0], (long long)v->shape[1], (long long)v->shape[2],
+                   (long long)v->shape[3]);
+  if (out->shape[0] != a.B || out->shape[1] != a.S || out->shape[2] != a.H || out->shape[3] != a.Dv)
+    return ak_fail(&c, "ValueError", "out must be [B, S, H, Dv] = [%lld, %lld, %lld, %lld]",
+                   (long long)a.B, (long long)a.S, (long long)a.H, (long long)a.Dv);
+  if (a.D == 0 && a.Sk > 0)
+    return ak_fail(&c, "ValueError", "q and k have head size D=0 (no scores to compute)");
+  if (ak_numel(mask) > 0) { /* numpy broadcast to [B, H, S, Sk], its last dim Sk */
+    const int64_t target[4] = {a.B, a.H, a.S, a.Sk};
+    int64_t stride[4] = {0, 0, 0, 0}, step = 1;
+    int ok = mask->shape[mask->ndim - 1] == a.Sk;
+    for (int d = 3; ok && d >= 0; --d) {
+      const int md = d - (4 - mask->ndim);
+      const int64_t size = md >= 0 ? mask->shape[md] : 1;
+      ok = size == target[d] || size == 1;
+      stride[d] = size == 1 ? 0 : step;
+      step *= size;
+    }
+    if (!ok)
+      return ak_fail(&c, "ValueError", "mask must broadcast to the scores [B, H, S, Sk] = [%lld, "
+                     "%lld, %lld, %lld] with its last dim Sk", (long long)a.B, (long long)a.H,
+                     (long long)a.S, (long long)a.Sk);
+    a.mask = AK_DATA(mask);
+    a.m_sb = stride[0]; a.m_sh = stride[1]; a.m_sr = stride[2];
+  }
+  a.q = AK_DATA(q); a.k = AK_DATA(k); a.v = AK_DATA(v); a.out = AK_DATA(out);
+  ak_attention_f32(&a, tune.threads);
+  return 0;
+}
+
 /* The registered entry points: each kernel under the denormal mode of ak_kernels.h. */
 #define AK_DENORMALS_OFF(fn)                                                           \
   static int fn##_entry(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) { \
@@ -770,6 +828,7 @@ AK_DENORMALS_OFF(ak_conv2d_nhwc)
 AK_DENORMALS_OFF(ak_conv2d_nhwc_i8)
 AK_DENORMALS_OFF(ak_layer_norm)
 AK_DENORMALS_OFF(ak_softmax)
+AK_DENORMALS_OFF(ak_attention_call)
 AK_DENORMALS_OFF(ak_copy)
 #undef AK_DENORMALS_OFF
 
@@ -794,6 +853,7 @@ int ak_register_all(void) {
       {"accelkit.cpu.conv2d_nhwc_i8", ak_conv2d_nhwc_i8_entry},
       {"accelkit.cpu.layer_norm", ak_layer_norm_entry},
       {"accelkit.cpu.softmax", ak_softmax_entry},
+      {"accelkit.cpu.attention", ak_attention_call_entry},
       {"accelkit.cpu.copy", ak_copy_entry},
       {"accelkit.cpu.set_model_bytes", ak_model_bytes},
   };

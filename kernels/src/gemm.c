@@ -1181,6 +1181,11 @@ typedef struct {
 
 static void rows_range(int64_t begin, int64_t end, void* ctx) {
   const ak_rows_job* job = (const ak_rows_job*)ctx;
+  const ak_isa_table* t = ak_table();
+  if (job->fn == t->softmax_row && t->softmax_rows) {
+    t->softmax_rows(job->x + begin * job->D, job->out + begin * job->D, job->D, end - begin, job->D);
+    return;
+  }
   for (int64_t r = begin; r < end; ++r)
     job->fn(job->x + r * job->D, job->gamma, job->beta, job->out + r * job->D, job->D, job->eps);
 }
@@ -1200,4 +1205,113 @@ void ak_layer_norm_f32(const float* x, const float* gamma, const float* beta, fl
 void ak_softmax_f32(const float* x, float* out, int64_t rows, int64_t D, int threads) {
   ak_rows_job job = {x, NULL, NULL, out, D, 0.f, ak_table()->softmax_row};
   run_rows(&job, rows, threads);
+}
+
+/* ---- fused attention --------------------------------------------------------------------- */
+
+void ak_pack_t_portable(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst) {
+  for (int64_t r0 = 0; r0 < rows; r0 += AK_NR) {
+    float* d = dst + (r0 / AK_NR) * cols * AK_NR;
+    const int64_t nv = rows - r0 < AK_NR ? rows - r0 : AK_NR;
+    for (int64_t j = 0; j < nv; ++j) {
+      const float* s = src + (r0 + j) * lds;
+      for (int64_t c = 0; c < cols; ++c) d[c * AK_NR + j] = s[c];
+    }
+    if (nv < AK_NR)
+      for (int64_t c = 0; c < cols; ++c) memset(d + c * AK_NR + nv, 0, (size_t)(AK_NR - nv) * sizeof(float));
+  }
+}
+
+/* dst[p][r][c] = src[r * lds + p * NR + c]: rows x cols (row stride lds) into column panels. */
+static void pack_panels(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst) {
+  for (int64_t c0 = 0; c0 < cols; c0 += AK_NR) {
+    float* d = dst + (c0 / AK_NR) * rows * AK_NR;
+    const int64_t nv = cols - c0 < AK_NR ? cols - c0 : AK_NR;
+    for (int64_t r = 0; r < rows; ++r) {
+      memcpy(d + r * AK_NR, src + r * lds + c0, (size_t)nv * sizeof(float));
+      if (nv < AK_NR) memset(d + r * AK_NR + nv, 0, (size_t)(AK_NR - nv) * sizeof(float));
+    }
+  }
+}
+
+typedef struct {
+  const ak_attention* a;
+  const ak_isa_table* t;
+  int64_t rblocks; /* query row blocks per (batch, head) */
+} ak_attn_job;
+
+/* Items are (batch, head, row block); a thread packs a head's K^T and V panels once for its
+ * consecutive items of that head, then per micro-tile of query rows: the scores (scale and mask
+ * in the micro-kernel's epilogue) into a row buffer, softmax in place, and P @ V stored straight
+ * into out's [S, H, Dv] rows: the scores never leave the thread's L1/L2. */
+static void attn_range(int64_t begin, int64_t end, void* ctx) {
+  const ak_attn_job* job = (const ak_attn_job*)ctx;
+  const ak_attention* a = job->a;
+  const ak_isa_table* t = job->t;
+  const int64_t Sk = a->Sk, D = a->D, Dv = a->Dv, H = a->H;
+  const int64_t PK = (Sk + AK_NR - 1) / AK_NR, PV = (Dv + AK_NR - 1) / AK_NR;
+  const int64_t lds = (Sk + 15) & ~(int64_t)15, qs = H * D, vs = H * Dv;
+  const int step_max = t->rows > AK_MR ? t->rows : AK_MR;
+  float* kp = ak_scratch((size_t)(PK * D * AK_NR + PV * Sk * AK_NR + step_max * lds));
+  if (!kp) return; /* out of memory: leave the output as is */
+  float* vp = kp + PK * D * AK_NR;
+  float* sb = vp + PV * Sk * AK_NR;
+  void (*pack_t)(const float*, int64_t, int64_t, int64_t, float*) =
+      t->pack_t && qs < ((int64_t)1 << 25) ? t->pack_t : ak_pack_t_portable;
+  ak_epilogue se, pe;
+  memset(&se, 0, sizeof(se));
+  memset(&pe, 0, sizeof(pe));
+  se.scale = a->scale;
+  se.res_mode = a->mask ? AK_RES_POST_ACT : AK_RES_NONE;
+  pe.scale = 1.f;
+  int64_t packed = -1;
+  for (int64_t idx = begin; idx < end; ++idx) {
+    const int64_t bh = idx / job->rblocks, rb = idx % job->rblocks, b = bh / H, h = bh % H;
+    if (bh != packed) {
+      pack_t(a->k + b * Sk * qs + h * D, qs, Sk, D, kp);
+      pack_panels(a->v + b * Sk * vs + h * Dv, vs, Sk, Dv, vp);
+      packed = bh;
+    }
+    const int64_t r0 = a->S * rb / job->rblocks, r1 = a->S * (rb + 1) / job->rblocks;
+    const int64_t step = even_rows(r1 - r0, t->rows);
+    for (int64_t i = r0; i < r1; i += step) {
+      const int mr = (int)(r1 - i < step ? r1 - i : step);
+      const float* qa = a->q + (b * a->S + i) * qs + h * D;
+      const float* mrow = a->mask ? a->mask + b * a->m_sb + h * a->m_sh + i * a->m_sr : NULL;
+      for (int64_t p = 0; p < PK; ++p) {
+        const int nv = (int)(Sk - p * AK_NR < AK_NR ? Sk - p * AK_NR : AK_NR);
+        t->ukr(mr, D, qa, qs, kp + p * D * AK_NR, sb + p * AK_NR, lds, nv, NULL, NULL,
+               mrow ? mrow + p * AK_NR : NULL, a->m_sr, &se);
+      }
+      if (t->softmax_rows) t->softmax_rows(sb, sb, lds, mr, Sk);
+      else
+        for (int r = 0; r < mr; ++r) t->softmax_row(sb + r * lds, NULL, NULL, sb + r * lds, Sk, 0.f);
+      float* o = a->out + (b * a->S + i) * vs + h * Dv;
+      for (int64_t p = 0; p < PV; ++p) {
+        const int nv = (int)(Dv - p * AK_NR < AK_NR ? Dv - p * AK_NR : AK_NR);
+        t->ukr(mr, Sk, sb, lds, vp + p * Sk * AK_NR, o + p * AK_NR, vs, nv, NULL, NULL, NULL, 0, &pe);
+      }
+    }
+  }
+}
+
+void ak_attention_f32(const ak_attention* a, int threads) {
+  const int64_t S = a->S, BH = a->B * a->H;
+  if (BH == 0 || S == 0 || a->Dv == 0) return;
+  if (a->Sk == 0) { /* softmax over nothing: P is [S, 0], P @ V is zeros */
+    memset(a->out, 0, (size_t)(BH * S * a->Dv) * sizeof(float));
+    return;
+  }
+  const ak_isa_table* t = ak_table();
+  const int64_t pool = threads > 0 && threads < ak_num_threads() ? threads : ak_num_threads();
+  /* whole heads per item when they share evenly between the threads; otherwise row blocks too
+   * (each re-packs its head's K and V: Sk x (D + Dv) copies against S x Sk x (D + Dv) FMAs) */
+  int64_t rblocks = 1;
+  if (pool > 1 && BH % pool != 0 && BH < 8 * pool) {
+    const int64_t tiles = (S + t->rows - 1) / t->rows;
+    rblocks = (4 * pool + BH - 1) / BH;
+    if (rblocks > tiles) rblocks = tiles;
+  }
+  ak_attn_job job = {a, t, rblocks};
+  ak_parallel_range_n(attn_range, &job, BH * rblocks, (int)pool);
 }
