@@ -1234,6 +1234,8 @@ static void pack_panels(const float* src, int64_t lds, int64_t rows, int64_t col
   }
 }
 
+#define AK_ATTN_TILES 4 /* micro-tiles of query rows per block (one K or V panel across them) */
+
 typedef struct {
   const ak_attention* a;
   const ak_isa_table* t;
@@ -1252,7 +1254,7 @@ static void attn_range(int64_t begin, int64_t end, void* ctx) {
   const int64_t PK = (Sk + AK_NR - 1) / AK_NR, PV = (Dv + AK_NR - 1) / AK_NR;
   const int64_t lds = (Sk + 15) & ~(int64_t)15, qs = H * D, vs = H * Dv;
   const int step_max = t->rows > AK_MR ? t->rows : AK_MR;
-  float* kp = ak_scratch((size_t)(PK * D * AK_NR + PV * Sk * AK_NR + step_max * lds));
+  float* kp = ak_scratch((size_t)(PK * D * AK_NR + PV * Sk * AK_NR + AK_ATTN_TILES * step_max * lds));
   if (!kp) return; /* out of memory: leave the output as is */
   float* vp = kp + PK * D * AK_NR;
   float* sb = vp + PV * Sk * AK_NR;
@@ -1273,23 +1275,30 @@ static void attn_range(int64_t begin, int64_t end, void* ctx) {
       packed = bh;
     }
     const int64_t r0 = a->S * rb / job->rblocks, r1 = a->S * (rb + 1) / job->rblocks;
-    const int64_t step = even_rows(r1 - r0, t->rows);
-    for (int64_t i = r0; i < r1; i += step) {
-      const int mr = (int)(r1 - i < step ? r1 - i : step);
-      const float* qa = a->q + (b * a->S + i) * qs + h * D;
-      const float* mrow = a->mask ? a->mask + b * a->m_sb + h * a->m_sh + i * a->m_sr : NULL;
+    const int64_t step = even_rows(r1 - r0, t->rows), blk = AK_ATTN_TILES * step;
+    for (int64_t i0 = r0; i0 < r1; i0 += blk) {
+      const int64_t i1 = r1 - i0 < blk ? r1 : i0 + blk;
+      /* panel-outer over the block's micro-tiles: a K (then V) panel stays in L1 across them */
       for (int64_t p = 0; p < PK; ++p) {
         const int nv = (int)(Sk - p * AK_NR < AK_NR ? Sk - p * AK_NR : AK_NR);
-        t->ukr(mr, D, qa, qs, kp + p * D * AK_NR, sb + p * AK_NR, lds, nv, NULL, NULL,
-               mrow ? mrow + p * AK_NR : NULL, a->m_sr, &se);
+        for (int64_t i = i0; i < i1; i += step) {
+          const int mr = (int)(i1 - i < step ? i1 - i : step);
+          const float* mrow = a->mask ? a->mask + b * a->m_sb + h * a->m_sh + i * a->m_sr : NULL;
+          t->ukr(mr, D, a->q + (b * a->S + i) * qs + h * D, qs, kp + p * D * AK_NR,
+                 sb + (i - i0) * lds + p * AK_NR, lds, nv, NULL, NULL, mrow ? mrow + p * AK_NR : NULL,
+                 a->m_sr, &se);
+        }
       }
-      if (t->softmax_rows) t->softmax_rows(sb, sb, lds, mr, Sk);
+      if (t->softmax_rows) t->softmax_rows(sb, sb, lds, i1 - i0, Sk);
       else
-        for (int r = 0; r < mr; ++r) t->softmax_row(sb + r * lds, NULL, NULL, sb + r * lds, Sk, 0.f);
-      float* o = a->out + (b * a->S + i) * vs + h * Dv;
+        for (int64_t r = 0; r < i1 - i0; ++r) t->softmax_row(sb + r * lds, NULL, NULL, sb + r * lds, Sk, 0.f);
       for (int64_t p = 0; p < PV; ++p) {
         const int nv = (int)(Dv - p * AK_NR < AK_NR ? Dv - p * AK_NR : AK_NR);
-        t->ukr(mr, Sk, sb, lds, vp + p * Sk * AK_NR, o + p * AK_NR, vs, nv, NULL, NULL, NULL, 0, &pe);
+        for (int64_t i = i0; i < i1; i += step) {
+          const int mr = (int)(i1 - i < step ? i1 - i : step);
+          t->ukr(mr, Sk, sb + (i - i0) * lds, lds, vp + p * Sk * AK_NR,
+                 a->out + (b * a->S + i) * vs + h * Dv + p * AK_NR, vs, nv, NULL, NULL, NULL, 0, &pe);
+        }
       }
     }
   }
