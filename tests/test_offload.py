@@ -135,11 +135,15 @@ def mha_model(b=2, s=12, heads=3, d=8, scale_op="Div", mask_shape=(2, 1, 1, 12),
               merge=True):
     """Multi-head self-attention as torch exports a transformer layer: projections reshaped to
     [B, S, H, D], the heads transposed out, scores scaled and masked, softmax, the context
-    transposed back and merged, then the output projection."""
+    transposed back and merged, then the output projection. scale_op "Operands" is torch's
+    scaled_dot_product_attention export (transformers 5): q and k^T each times sqrt(scale), and
+    the context reshaped to its own shape before the merge."""
     rng = np.random.default_rng(21)
     e = heads * d
-    nodes, inits = [], [const("scale", math.sqrt(d) if scale_op == "Div" else 1 / math.sqrt(d)),
+    scale = {"Div": math.sqrt(d), "Mul": 1 / math.sqrt(d), "Operands": d ** -0.25}[scale_op]
+    nodes, inits = [], [const("scale", scale),
                         numpy_helper.from_array(np.array([b, s, heads, d], np.int64), "split"),
+                        numpy_helper.from_array(np.array([b, heads, s, d], np.int64), "ctx_shape"),
                         numpy_helper.from_array(np.array([b, s, e], np.int64), "merged")]
     for name in "qkv":
         inits += [const(f"W{name}", rng.standard_normal((e, e)) * 0.3), const(f"b{name}", rng.standard_normal(e))]
@@ -152,14 +156,20 @@ def mha_model(b=2, s=12, heads=3, d=8, scale_op="Div", mask_shape=(2, 1, 1, 12),
     for i, perm in enumerate(k_perms):
         nodes.append(helper.make_node("Transpose", [src], [f"kt{i}"], perm=list(perm)))
         src = f"kt{i}"
-    nodes += [helper.make_node("MatMul", ["q4", src], ["qk"]), helper.make_node(scale_op, ["qk", "scale"], ["sc"])]
+    if scale_op == "Operands":
+        nodes += [helper.make_node("Mul", ["q4", "scale"], ["q4s"]), helper.make_node("Mul", ["scale", src], ["kts"]),
+                  helper.make_node("MatMul", ["q4s", "kts"], ["sc"])]
+    else:
+        nodes += [helper.make_node("MatMul", ["q4", src], ["qk"]), helper.make_node(scale_op, ["qk", "scale"], ["sc"])]
     inputs = [helper.make_tensor_value_info("x", F, [b, s, e])]
     scores = "sc"
     if mask_shape is not None:
         inputs.append(helper.make_tensor_value_info("mask", F, list(mask_shape)))
         nodes.append(helper.make_node("Add", ["sc", "mask"], ["sm"]))
         scores = "sm"
-    nodes += [helper.make_node("Softmax", [scores], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v4"], ["ctx"])]
+    nodes += [helper.make_node("Softmax", [scores], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v4"], ["ctx0"]),
+              helper.make_node("Reshape", ["ctx0", "ctx_shape"], ["ctx"]) if scale_op == "Operands"
+              else helper.make_node("Identity", ["ctx0"], ["ctx"])]
     if merge:
         inits.append(const("Wo", rng.standard_normal((e, e)) * 0.3))
         nodes += [helper.make_node("Transpose", ["ctx"], ["ctxt"], perm=[0, 2, 1, 3]),
@@ -176,6 +186,8 @@ def mha_model(b=2, s=12, heads=3, d=8, scale_op="Div", mask_shape=(2, 1, 1, 12),
     ("Mul", (1, 1, 12, 12), [(0, 2, 3, 1)], "attention_scaled_masked"),    # all-MiniLM-L6-v2's
     ("Mul", (2, 3, 12, 12), [(0, 2, 1, 3), (0, 1, 3, 2)], "attention_scaled_masked"),  # K^T in two steps
     ("Div", None, [(0, 2, 3, 1)], "attention_scaled"),
+    ("Operands", (2, 1, 1, 12), [(0, 2, 3, 1)], "attention_scaled_masked"),  # torch's SDPA export
+    ("Operands", None, [(0, 2, 1, 3), (0, 1, 3, 2)], "attention_scaled"),
 ])
 def test_multi_head_attention_is_one_kernel_call(scale_op, mask_shape, k_perms, name):
     """The head split, scores, scale, mask, softmax, context and head merge: one attention call

@@ -788,25 +788,32 @@ def attention_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.attentio
         kt = permute(k, [0, 2, 3, 1]), or permute(permute(k, [0, 2, 1, 3]), [0, 1, 3, 2])
         out = permute(softmax(matmul(q4, kt) [* or / scale] [+ mask]) @ v4, [0, 2, 1, 3])
 
-    -> one kernel call: the four transposes, both matmuls and the softmax (the scores stay in
+    or with the scale split over the operands, as torch exports scaled_dot_product_attention
+    (transformers 5's ViT and BERT): matmul(q4 * sqrt(scale), kt * sqrt(scale)), and a reshape
+    of the context to its own shape before the last permute. -> one kernel call: the four transposes, both matmuls and the softmax (the scores stay in
     the thread's cache). q, k and v are the projections' outputs reshaped to [B, S, H, D], a view."""
     from tvm.relax.dpl import is_const, is_op, wildcard
 
     result = []
-    for masked, scale, k_steps in itertools.product((True, False), ("divide", "multiply", None), (1, 2)):
-        q, k, v, c, mask = wildcard(), wildcard(), wildcard(), is_const(), wildcard()
+    for masked, scale, k_steps in itertools.product((True, False), ("divide", "multiply", "operands", None), (1, 2)):
+        q, k, v, c, c_k, mask = wildcard(), wildcard(), wildcard(), is_const(), is_const(), wildcard()
         q4, k4, v4 = (is_op("relax.permute_dims")(x) for x in (q, k, v))
         kt = k4 if k_steps == 1 else is_op("relax.permute_dims")(k4)
-        core = is_op("relax.matmul")(q4, kt)
+        if scale == "operands":
+            core = is_op("relax.matmul")(_commutative("relax.multiply", q4, c), _commutative("relax.multiply", kt, c_k))
+        else:
+            core = is_op("relax.matmul")(q4, kt)
         scaled = {"divide": is_op("relax.divide")(core, c),
-                  "multiply": _commutative("relax.multiply", core, c), None: core}[scale]
+                  "multiply": _commutative("relax.multiply", core, c)}.get(scale, core)
         scores = _commutative("relax.add", scaled, mask) if masked else scaled
         probs = is_op("relax.nn.softmax")(scores)
         context = is_op("relax.matmul")(probs, v4)
-        root = is_op("relax.permute_dims")(context)
+        reshaped = is_op("relax.reshape")(context, wildcard())
+        root = is_op("relax.permute_dims")(context | reshaped)
 
-        def build(matches, q=q, k=k, v=v, c=c, mask=mask, q4=q4, k4=k4, kt=kt, v4=v4, core=core,
-                  scores=scores, probs=probs, root=root, scale=scale, masked=masked, k_steps=k_steps):
+        def build(matches, q=q, k=k, v=v, c=c, c_k=c_k, mask=mask, q4=q4, k4=k4, kt=kt, v4=v4, core=core,
+                  scores=scores, probs=probs, context=context, reshaped=reshaped, root=root, scale=scale,
+                  masked=masked, k_steps=k_steps):
             head_major = [0, 2, 1, 3]
             k_perms = ((k4, [0, 2, 3, 1]),) if k_steps == 1 else ((k4, head_major), (kt, [0, 1, 3, 2]))
             for node, axes in ((q4, head_major), *k_perms, (v4, head_major), (root, head_major)):
@@ -822,12 +829,20 @@ def attention_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.attentio
                 return None
             if int(matches[probs].attrs.axis) % 4 != 3 or _f32(matches[scores]) != ss:
                 return None
+            if reshaped in matches and _f32(matches[reshaped]) != _f32(matches[context]):
+                return None  # only a reshape to the context's own shape is a no-op
             factor = 1.0
             if scale:
                 value = _scalar(matches[c])
                 if value is None or value == 0.0:
                     return None
                 factor = 1.0 / value if scale == "divide" else value
+            if scale == "operands":  # (q c)(k^T c_k) = c c_k q k^T; the operands keep their shapes
+                value = _scalar(matches[c_k])
+                if value is None or value == 0.0 or any(_f32(matches[n]) != _f32(matches[x])
+                                                        for n, x in ((core.args[0], q4), (core.args[1], kt))):
+                    return None
+                factor *= value
             res = _empty()
             if masked:
                 ms = _f32(matches[mask], range(1, 5))
@@ -836,7 +851,8 @@ def attention_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.attentio
                 res = matches[mask]
             return [matches[q], matches[k], matches[v], res] + _floats(factor)
 
-        ops = (["relax.permute_dims", "relax.matmul", "relax.nn.softmax"] + ([f"relax.{scale}"] if scale else [])
+        op = {"divide": "relax.divide", "multiply": "relax.multiply", "operands": "relax.multiply"}
+        ops = (["relax.permute_dims", "relax.matmul", "relax.nn.softmax"] + ([op[scale]] if scale else [])
                + (["relax.add"] if masked else []))
         result.append(KernelPattern(f"{prefix}.attention{'_scaled' if scale else ''}{'_masked' if masked else ''}",
                                     root, (), kernel, build=build, requires=frozenset(ops)))
