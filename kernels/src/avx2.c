@@ -635,6 +635,40 @@ static void wino_out_avx2(const float* mt, int64_t mstride, int64_t nc, float* o
 }
 
 /* im2col (NCHW GEMM path) and the NCHW depthwise plane: the portable code (memory-bound) */
+/* Attention's K^T panels by 8x8 in-register transposes (unpack, shuffle, 128-bit permute):
+ * 8 keys x 8 columns per block; columns past the last multiple of 8 by scalar copies, keys past
+ * the last one as zeros. */
+static void pack_t_avx2(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst) {
+  const int64_t c8 = cols & ~(int64_t)7;
+  for (int64_t r0 = 0; r0 < rows; r0 += AK_NR) {
+    float* d = dst + (r0 / AK_NR) * cols * AK_NR;
+    const int64_t nv = rows - r0 < AK_NR ? rows - r0 : AK_NR;
+    for (int64_t j0 = 0; j0 < AK_NR; j0 += 8) {
+      for (int64_t c0 = 0; c0 < c8; c0 += 8) {
+        __m256 r[8], t[8];
+        for (int i = 0; i < 8; ++i)
+          r[i] = j0 + i < nv ? _mm256_loadu_ps(src + (r0 + j0 + i) * lds + c0) : _mm256_setzero_ps();
+        for (int i = 0; i < 8; i += 2) {
+          t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+          t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+        }
+        for (int i = 0; i < 8; i += 4) {
+          r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+          r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+          r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+          r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+        }
+        for (int i = 0; i < 4; ++i) {
+          _mm256_storeu_ps(d + (c0 + i) * AK_NR + j0, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+          _mm256_storeu_ps(d + (c0 + i + 4) * AK_NR + j0, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+        }
+      }
+      for (int64_t c = c8; c < cols; ++c)
+        for (int64_t j = j0; j < j0 + 8; ++j) d[c * AK_NR + j] = j < nv ? src[(r0 + j) * lds + c] : 0.f;
+    }
+  }
+}
+
 const ak_isa_table ak_avx2_table = {ukr_avx2, ak_im2col_portable, NULL, row_epi_avx2,
                                     layer_norm_row_avx2, softmax_row_avx2, dw_nhwc_row_avx2,
-                                    wino_in_avx2, wino_out_avx2, 24};
+                                    wino_in_avx2, wino_out_avx2, 24, 0, pack_t_avx2};
