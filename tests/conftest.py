@@ -90,6 +90,64 @@ def conv_model(seed=1):
          helper.make_tensor_value_info("peak", TensorProto.FLOAT, [])], inits, name="conv")
 
 
+def mha_model(b=2, s=12, heads=3, d=8, scale_op="Div", mask_shape=(2, 1, 1, 12), k_perms=((0, 2, 3, 1),),
+              merge=True, v_perm=(0, 2, 1, 3), softmax_axis=-1):
+    """Multi-head self-attention as torch exports a transformer layer: projections reshaped to
+    [B, S, H, D], the heads transposed out, scores scaled and masked, softmax, the context
+    transposed back and merged, then the output projection. scale_op "Operands" is torch's
+    scaled_dot_product_attention export (transformers 5): q and k^T each times sqrt(scale), and
+    the context reshaped to its own shape before the merge. v_perm and softmax_axis make
+    variants that are not attention (with s == d they still type-check)."""
+    F = TensorProto.FLOAT
+
+    def const(name, array):
+        return numpy_helper.from_array(np.asarray(array, np.float32), name)
+
+    import math
+
+    rng = np.random.default_rng(21)
+    e = heads * d
+    scale = {"Div": math.sqrt(d), "Mul": 1 / math.sqrt(d), "Operands": d ** -0.25}[scale_op]
+    nodes, inits = [], [const("scale", scale),
+                        numpy_helper.from_array(np.array([b, s, heads, d], np.int64), "split"),
+                        numpy_helper.from_array(np.array([b, heads, s, d], np.int64), "ctx_shape"),
+                        numpy_helper.from_array(np.array([b, s, e], np.int64), "merged")]
+    for name in "qkv":
+        inits += [const(f"W{name}", rng.standard_normal((e, e)) * 0.3), const(f"b{name}", rng.standard_normal(e))]
+        nodes += [helper.make_node("MatMul", ["x", f"W{name}"], [f"{name}m"]),
+                  helper.make_node("Add", [f"{name}m", f"b{name}"], [f"{name}p"]),
+                  helper.make_node("Reshape", [f"{name}p", "split"], [f"{name}s"])]
+    nodes += [helper.make_node("Transpose", ["qs"], ["q4"], perm=[0, 2, 1, 3]),
+              helper.make_node("Transpose", ["vs"], ["v4"], perm=list(v_perm))]
+    src = "ks"
+    for i, perm in enumerate(k_perms):
+        nodes.append(helper.make_node("Transpose", [src], [f"kt{i}"], perm=list(perm)))
+        src = f"kt{i}"
+    if scale_op == "Operands":
+        nodes += [helper.make_node("Mul", ["q4", "scale"], ["q4s"]), helper.make_node("Mul", ["scale", src], ["kts"]),
+                  helper.make_node("MatMul", ["q4s", "kts"], ["sc"])]
+    else:
+        nodes += [helper.make_node("MatMul", ["q4", src], ["qk"]), helper.make_node(scale_op, ["qk", "scale"], ["sc"])]
+    inputs = [helper.make_tensor_value_info("x", F, [b, s, e])]
+    scores = "sc"
+    if mask_shape is not None:
+        inputs.append(helper.make_tensor_value_info("mask", F, list(mask_shape)))
+        nodes.append(helper.make_node("Add", ["sc", "mask"], ["sm"]))
+        scores = "sm"
+    nodes += [helper.make_node("Softmax", [scores], ["p"], axis=softmax_axis), helper.make_node("MatMul", ["p", "v4"], ["ctx0"]),
+              helper.make_node("Reshape", ["ctx0", "ctx_shape"], ["ctx"]) if scale_op == "Operands"
+              else helper.make_node("Identity", ["ctx0"], ["ctx"])]
+    if merge:
+        inits.append(const("Wo", rng.standard_normal((e, e)) * 0.3))
+        nodes += [helper.make_node("Transpose", ["ctx"], ["ctxt"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Reshape", ["ctxt", "merged"], ["ctxm"]),
+                  helper.make_node("MatMul", ["ctxm", "Wo"], ["y"])]
+        out = helper.make_tensor_value_info("y", F, [b, s, e])
+    else:
+        out = helper.make_tensor_value_info("ctx", F, [b, heads, s, d])
+    return make_model(nodes, inputs, [out], inits)
+
+
 def random_feeds(model, seed=0):
     rng = np.random.default_rng(seed)
     return {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in model.inputs}

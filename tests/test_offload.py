@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import ffn_model, make_model
+from conftest import ffn_model, make_model, mha_model
 from onnx import TensorProto, helper, numpy_helper
 
 import accelkit
@@ -131,56 +131,6 @@ def test_attention_mask_is_added_in_the_scores_kernel(mask_shape, fused):
     check(proto, {"cpu.bmm_scaled_masked" if fused else "cpu.bmm_scaled": 1, "cpu.softmax": 1})
 
 
-def mha_model(b=2, s=12, heads=3, d=8, scale_op="Div", mask_shape=(2, 1, 1, 12), k_perms=((0, 2, 3, 1),),
-              merge=True):
-    """Multi-head self-attention as torch exports a transformer layer: projections reshaped to
-    [B, S, H, D], the heads transposed out, scores scaled and masked, softmax, the context
-    transposed back and merged, then the output projection. scale_op "Operands" is torch's
-    scaled_dot_product_attention export (transformers 5): q and k^T each times sqrt(scale), and
-    the context reshaped to its own shape before the merge."""
-    rng = np.random.default_rng(21)
-    e = heads * d
-    scale = {"Div": math.sqrt(d), "Mul": 1 / math.sqrt(d), "Operands": d ** -0.25}[scale_op]
-    nodes, inits = [], [const("scale", scale),
-                        numpy_helper.from_array(np.array([b, s, heads, d], np.int64), "split"),
-                        numpy_helper.from_array(np.array([b, heads, s, d], np.int64), "ctx_shape"),
-                        numpy_helper.from_array(np.array([b, s, e], np.int64), "merged")]
-    for name in "qkv":
-        inits += [const(f"W{name}", rng.standard_normal((e, e)) * 0.3), const(f"b{name}", rng.standard_normal(e))]
-        nodes += [helper.make_node("MatMul", ["x", f"W{name}"], [f"{name}m"]),
-                  helper.make_node("Add", [f"{name}m", f"b{name}"], [f"{name}p"]),
-                  helper.make_node("Reshape", [f"{name}p", "split"], [f"{name}s"])]
-    nodes += [helper.make_node("Transpose", ["qs"], ["q4"], perm=[0, 2, 1, 3]),
-              helper.make_node("Transpose", ["vs"], ["v4"], perm=[0, 2, 1, 3])]
-    src = "ks"
-    for i, perm in enumerate(k_perms):
-        nodes.append(helper.make_node("Transpose", [src], [f"kt{i}"], perm=list(perm)))
-        src = f"kt{i}"
-    if scale_op == "Operands":
-        nodes += [helper.make_node("Mul", ["q4", "scale"], ["q4s"]), helper.make_node("Mul", ["scale", src], ["kts"]),
-                  helper.make_node("MatMul", ["q4s", "kts"], ["sc"])]
-    else:
-        nodes += [helper.make_node("MatMul", ["q4", src], ["qk"]), helper.make_node(scale_op, ["qk", "scale"], ["sc"])]
-    inputs = [helper.make_tensor_value_info("x", F, [b, s, e])]
-    scores = "sc"
-    if mask_shape is not None:
-        inputs.append(helper.make_tensor_value_info("mask", F, list(mask_shape)))
-        nodes.append(helper.make_node("Add", ["sc", "mask"], ["sm"]))
-        scores = "sm"
-    nodes += [helper.make_node("Softmax", [scores], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v4"], ["ctx0"]),
-              helper.make_node("Reshape", ["ctx0", "ctx_shape"], ["ctx"]) if scale_op == "Operands"
-              else helper.make_node("Identity", ["ctx0"], ["ctx"])]
-    if merge:
-        inits.append(const("Wo", rng.standard_normal((e, e)) * 0.3))
-        nodes += [helper.make_node("Transpose", ["ctx"], ["ctxt"], perm=[0, 2, 1, 3]),
-                  helper.make_node("Reshape", ["ctxt", "merged"], ["ctxm"]),
-                  helper.make_node("MatMul", ["ctxm", "Wo"], ["y"])]
-        out = helper.make_tensor_value_info("y", F, [b, s, e])
-    else:
-        out = helper.make_tensor_value_info("ctx", F, [b, heads, s, d])
-    return make_model(nodes, inputs, [out], inits)
-
-
 @pytest.mark.parametrize("scale_op,mask_shape,k_perms,name", [
     ("Div", (2, 1, 1, 12), [(0, 2, 3, 1)], "attention_scaled_masked"),     # BERT's export, batch 2
     ("Mul", (1, 1, 12, 12), [(0, 2, 3, 1)], "attention_scaled_masked"),    # all-MiniLM-L6-v2's
@@ -203,6 +153,25 @@ def test_attention_not_in_the_exporters_form_stays_unfused():
     check(mha_model(merge=False), {"cpu.bmm_scaled": 1, "cpu.softmax": 1, "cpu.bmm": 1, "cpu.dense_bias": 3})
     check(mha_model(mask_shape=(2, 1, 12, 1)),
           {"cpu.bmm_scaled": 1, "cpu.softmax": 1, "cpu.bmm": 1, "cpu.dense_bias": 3, "cpu.dense": 1})
+
+
+@pytest.mark.parametrize("variant", [
+    {"v_perm": (0, 2, 3, 1)},                       # V transposed like K: P @ V^T, not attention
+    {"softmax_axis": 2},                            # softmax over the queries
+    {"k_perms": [(0, 2, 1, 3), (0, 1, 2, 3)]},      # K not transposed: Q @ K (S == D here)
+])
+def test_look_alikes_of_attention_are_not_fused(variant):
+    """Graphs with attention's shape but other math (S == D, so they type-check): not the
+    attention kernel's; the unfused kernels and TVM compute them right."""
+    proto = mha_model(s=8, d=8, mask_shape=None, **variant)
+    model = check(proto, {"cpu.dense_bias": 3, "cpu.dense": 1} | _unfused(variant))
+    assert "cpu.attention_scaled" not in model.manifest["offloaded"]
+
+
+def _unfused(variant):
+    if "softmax_axis" in variant:  # the softmax kernel takes the last axis only
+        return {"cpu.bmm_scaled": 1, "cpu.bmm": 1}
+    return {"cpu.bmm_scaled": 1, "cpu.softmax": 1, "cpu.bmm": 1}
 
 
 def test_variants_without_a_kernel_fall_back_to_tvm():

@@ -255,6 +255,25 @@ def test_ctrl_c_keeps_what_was_measured(cache):
     assert decisions["tir"] and all(v.get("default_s") for v in decisions["tir"].values())
 
 
+def test_attention_calls_are_tuned_over_thread_counts():
+    """The fused attention call (exporters' form) is a kernel task like the others: its thread
+    configs build, run and compute the untuned output."""
+    import functools
+
+    from conftest import mha_model
+
+    from accelkit import frontend
+    from accelkit.backends import CompileOptions, get_backend
+    from accelkit.tuning import kernels as ktune
+
+    target, mod = get_backend("cpu").tuning_module(frontend.prepare(mha_model()), CompileOptions())
+    tasks = [t for t in ktune.extract(mod) if t.kernel == "accelkit.cpu.attention"]
+    assert len(tasks) == 1 and tasks[0].name.startswith("attention"), [t.name for t in ktune.extract(mod)]
+    assert tasks[0].configs(2) == [0, ktune.pack_config(threads=1), ktune.pack_config(threads=2)]
+    rows, wrong = ktune.tune_task(tasks[0], target, 2, functools.partial(ktune.measure_local, target_ms=5.0), {})
+    assert not wrong and set(rows) == set(tasks[0].configs(2)) and all(s and s > 0 for s in rows.values()), rows
+
+
 def test_a_candidate_that_computes_something_else_is_refused():
     import tvm
     from tvm import te

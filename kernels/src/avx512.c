@@ -233,26 +233,9 @@ static void softmax_row_avx512(const float* x, const float* gamma, const float* 
   }
 }
 
-/* exp(x) for x <= 0 (softmax's x - max): v_exp without the upper clamp, the same values. */
-AK_INLINE __m512 v_exp_nonpos(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3365447505531f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040.f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
 /* NR rows of softmax_row_avx512 at once, interleaved: one row's reductions and exp chains
- * overlap the others'. Per row the same operations in the same order, so the same bits. */
+ * overlap the others'. Per row the same operations in the same order, so the same bits (for
+ * non-finite rows too: v_exp's clamps map a NaN difference as softmax_row does). */
 AK_INLINE void softmax_rows_body(const int NR, const float* x, float* out, int64_t ld, int64_t D) {
   const int64_t full = D & ~(int64_t)15;
   const __mmask16 tail = tail_mask(D - full);
@@ -269,14 +252,14 @@ AK_INLINE void softmax_rows_body(const int NR, const float* x, float* out, int64
   }
   for (int64_t j = 0; j < full; j += 16)
     for (int r = 0; r < NR; ++r) {
-      const __m512 e = v_exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(x + r * ld + j), mv[r]));
+      const __m512 e = v_exp(_mm512_sub_ps(_mm512_loadu_ps(x + r * ld + j), mv[r]));
       sum[r] = _mm512_add_ps(sum[r], e);
       _mm512_storeu_ps(out + r * ld + j, e);
     }
   if (tail)
     for (int r = 0; r < NR; ++r) {
       const __m512 e = _mm512_maskz_mov_ps(
-          tail, v_exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, x + r * ld + full), mv[r])));
+          tail, v_exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, x + r * ld + full), mv[r])));
       sum[r] = _mm512_add_ps(sum[r], e);
       _mm512_mask_storeu_ps(out + r * ld + full, tail, e);
     }

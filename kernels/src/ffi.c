@@ -788,7 +788,7 @@ static int ak_attention_call(void* self, const TVMFFIAny* args, int32_t n, TVMFF
                    (long long)a.B, (long long)a.S, (long long)a.H, (long long)a.Dv);
   if (a.D == 0 && a.Sk > 0)
     return ak_fail(&c, "ValueError", "q and k have head size D=0 (no scores to compute)");
-  if (ak_numel(mask) > 0) { /* numpy broadcast to [B, H, S, Sk], its last dim Sk */
+  if (!(mask->ndim == 1 && mask->shape[0] == 0)) { /* numpy broadcast to [B, H, S, Sk], last dim Sk */
     const int64_t target[4] = {a.B, a.H, a.S, a.Sk};
     int64_t stride[4] = {0, 0, 0, 0}, step = 1;
     int ok = mask->shape[mask->ndim - 1] == a.Sk;
@@ -807,6 +807,16 @@ static int ak_attention_call(void* self, const TVMFFIAny* args, int32_t n, TVMFF
     a.m_sb = stride[0]; a.m_sh = stride[1]; a.m_sr = stride[2];
   }
   a.q = AK_DATA(q); a.k = AK_DATA(k); a.v = AK_DATA(v); a.out = AK_DATA(out);
+  /* out is written while q, k, v and mask are still being read: no overlap */
+  const DLTensor* ins[4] = {q, k, v, mask};
+  const char* names[4] = {"q", "k", "v", "mask"};
+  const char *o0 = (const char*)a.out, *o1 = o0 + ak_numel(out) * (int64_t)sizeof(float);
+  for (int i = 0; i < 4; ++i) {
+    const char* i0 = (const char*)AK_DATA(ins[i]);
+    const char* i1 = i0 + ak_numel(ins[i]) * (int64_t)sizeof(float);
+    if (o0 < o1 && i0 < i1 && i0 < o1 && o0 < i1)
+      return ak_fail(&c, "ValueError", "out overlaps %s: attention cannot run in place", names[i]);
+  }
   ak_attention_f32(&a, tune.threads);
   return 0;
 }
