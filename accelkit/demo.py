@@ -22,15 +22,32 @@ def relative_l2(actual, expected) -> float:
     return float(np.linalg.norm(diff) / max(np.linalg.norm(expected), 1e-30))
 
 
-def median_ms(fn, runs: int = 30, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+TIMING_S = 2.0  # of timed running, shared by accelkit and onnxruntime
+
+
+def _onnxruntime_session():
+    """An onnxruntime session on the example with a thread per core, or None without it."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = os.cpu_count() or 1
+    return ort.InferenceSession(MODEL, opts, providers=["CPUExecutionProvider"])
+
+
+def median_latencies(model, session, feeds) -> tuple[float, float | None]:
+    """Median ms of accelkit and (with a session) onnxruntime, timed in alternating blocks with
+    a pause before each (bench.measure): one short burst each was 0.7-1.8x apart from run to
+    run here, as each system's thread pool spun into the other's timings."""
+    from accelkit import bench
+
+    systems = [bench.System("accelkit", model.run, 0.0)]
+    if session is not None:
+        systems.append(bench.System("onnxruntime", lambda f: session.run(None, dict(f)), 0.0))
+    bench.measure(systems, feeds, duration_s=TIMING_S)
+    medians = [statistics.median(s.times_ms) for s in systems]
+    return medians[0], (medians[1] if session is not None else None)
 
 
 def run_demo(backend: str = "cpu") -> int:
@@ -51,7 +68,8 @@ def run_demo(backend: str = "cpu") -> int:
         print(f"  offloaded to accelkit kernels: {offloaded or 'nothing'}")
 
     logits = model.run({"pixels": pixels})[0]
-    ms = median_ms(lambda: model.run({"pixels": pixels}))
+    session = _onnxruntime_session()
+    ms, ort_ms = median_latencies(model, session, {"pixels": pixels})
     accuracy = float((logits.argmax(1) == labels).mean())
     print(f"latency (batch {len(labels)}): {ms:.2f} ms median; accuracy {accuracy:.4f}")
 
@@ -62,16 +80,12 @@ def run_demo(backend: str = "cpu") -> int:
     print(f"match vs reference backend: relative L2 {error:.2e} "
           f"({'OK' if ok else 'MISMATCH'}, tolerance {TOLERANCE:g})")
 
-    try:
-        import onnxruntime as ort
-    except ImportError:
+    if session is None:
         print("onnxruntime not installed: skipping the comparison with it")
     else:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = os.cpu_count() or 1
-        session = ort.InferenceSession(MODEL, opts, providers=["CPUExecutionProvider"])
+        import onnxruntime as ort
+
         ort_out = session.run(None, {"pixels": pixels})[0]
-        ort_ms = median_ms(lambda: session.run(None, {"pixels": pixels}))
         print(f"onnxruntime {ort.__version__}: {ort_ms:.2f} ms median; accelkit/onnxruntime speed "
               f"ratio {ort_ms / ms:.2f}x (>1 = accelkit faster); relative L2 vs it "
               f"{relative_l2(logits, ort_out):.2e}")

@@ -26,6 +26,36 @@ def conv_path(tmp_path_factory):
     return str(path)
 
 
+def test_demo_times_accelkit_and_onnxruntime_in_alternating_blocks(monkeypatch):
+    """The demo's latencies come from bench.measure over both systems (alternating blocks,
+    pauses), not from a short burst each; without onnxruntime only accelkit is timed."""
+    from accelkit import demo
+
+    monkeypatch.setattr(demo, "TIMING_S", 0.2)
+    calls = []
+
+    class Model:
+        def run(self, feeds):
+            calls.append("accelkit")
+            time.sleep(0.002)
+            return [feeds["x"]]
+
+    class Session:
+        def run(self, names, feeds):
+            calls.append("onnxruntime")
+            time.sleep(0.004)
+            return [feeds["x"]]
+
+    feeds = {"x": np.zeros(3, np.float32)}
+    ak, ort_ms = demo.median_latencies(Model(), Session(), feeds)
+    assert 2 <= ak < 4 <= ort_ms < 8, (ak, ort_ms)
+    switches = sum(a != b for a, b in zip(calls, calls[1:]))
+    assert switches >= 3, "the two systems were not timed in alternating blocks"
+    calls.clear()
+    ak, none = demo.median_latencies(Model(), None, feeds)
+    assert none is None and ak >= 2 and set(calls) == {"accelkit"}
+
+
 def test_statistics_of_known_latencies():
     stats = bench.statistics([float(v) for v in range(1, 101)], batch=4)
     assert stats["runs"] == 100
