@@ -91,13 +91,15 @@ def conv_model(seed=1):
 
 
 def mha_model(b=2, s=12, heads=3, d=8, scale_op="Div", mask_shape=(2, 1, 1, 12), k_perms=((0, 2, 3, 1),),
-              merge=True, v_perm=(0, 2, 1, 3), softmax_axis=-1):
+              merge=True, v_perm=(0, 2, 1, 3), softmax_axis=-1, noops=False):
     """Multi-head self-attention as torch exports a transformer layer: projections reshaped to
     [B, S, H, D], the heads transposed out, scores scaled and masked, softmax, the context
     transposed back and merged, then the output projection. scale_op "Operands" is torch's
     scaled_dot_product_attention export (transformers 5): q and k^T each times sqrt(scale), and
     the context reshaped to its own shape before the merge. v_perm and softmax_axis make
-    variants that are not attention (with s == d they still type-check)."""
+    variants that are not attention (with s == d they still type-check). noops adds GPT-2's
+    no-ops: a one-tensor Concat after each head transpose of K and V (the empty key/value
+    cache) and a Cast to float after the softmax."""
     F = TensorProto.FLOAT
 
     def const(name, array):
@@ -119,10 +121,15 @@ def mha_model(b=2, s=12, heads=3, d=8, scale_op="Div", mask_shape=(2, 1, 1, 12),
                   helper.make_node("Reshape", [f"{name}p", "split"], [f"{name}s"])]
     nodes += [helper.make_node("Transpose", ["qs"], ["q4"], perm=[0, 2, 1, 3]),
               helper.make_node("Transpose", ["vs"], ["v4"], perm=list(v_perm))]
+    if noops:
+        nodes.append(helper.make_node("Concat", ["v4"], ["v4c"], axis=-2))
     src = "ks"
     for i, perm in enumerate(k_perms):
         nodes.append(helper.make_node("Transpose", [src], [f"kt{i}"], perm=list(perm)))
         src = f"kt{i}"
+        if noops and i == 0:
+            nodes.append(helper.make_node("Concat", [src], ["kc"], axis=-2))
+            src = "kc"
     if scale_op == "Operands":
         nodes += [helper.make_node("Mul", ["q4", "scale"], ["q4s"]), helper.make_node("Mul", ["scale", src], ["kts"]),
                   helper.make_node("MatMul", ["q4s", "kts"], ["sc"])]
@@ -134,7 +141,10 @@ def mha_model(b=2, s=12, heads=3, d=8, scale_op="Div", mask_shape=(2, 1, 1, 12),
         inputs.append(helper.make_tensor_value_info("mask", F, list(mask_shape)))
         nodes.append(helper.make_node("Add", ["sc", "mask"], ["sm"]))
         scores = "sm"
-    nodes += [helper.make_node("Softmax", [scores], ["p"], axis=softmax_axis), helper.make_node("MatMul", ["p", "v4"], ["ctx0"]),
+    nodes += [helper.make_node("Softmax", [scores], ["p0"], axis=softmax_axis),
+              helper.make_node("Cast", ["p0"], ["p"], to=TensorProto.FLOAT) if noops
+              else helper.make_node("Identity", ["p0"], ["p"]),
+              helper.make_node("MatMul", ["p", "v4c" if noops else "v4"], ["ctx0"]),
               helper.make_node("Reshape", ["ctx0", "ctx_shape"], ["ctx"]) if scale_op == "Operands"
               else helper.make_node("Identity", ["ctx0"], ["ctx"])]
     if merge:

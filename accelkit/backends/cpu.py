@@ -618,6 +618,27 @@ def conv2d_nhwc_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.conv2d
                            functools.partial(_conv2d_nhwc_args, winograd=winograd))
 
 
+def drop_identity_ops(mod):
+    """concat((x,)) -> x and astype(x, x's dtype) -> x: no-ops that exporters leave, a concat
+    where a cache would be joined (GPT-2's past keys and values, empty in an export without
+    them) and a cast back to float32 after the softmax (GPT-2's eager attention). TVM copies
+    them; the attention pattern must see through them."""
+    from tvm import relax
+    from tvm.relax.dpl import is_op, is_tuple, rewrite_call, wildcard
+
+    x, y = wildcard(), wildcard()
+    identity = is_op("relax.concat")(is_tuple([x])) | is_op("relax.astype")(y)
+
+    def rewriter(expr, matches):
+        inner = matches[x] if x in matches else matches[y]
+        return inner if tensor_type(inner) == tensor_type(expr) else expr
+
+    for gvar, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mod[gvar] = rewrite_call(identity, rewriter, func)
+    return mod
+
+
 def to_channels_last(mod):
     """Rewrite the NCHW convolutions of `mod` into NHWC ones, with the activations kept
     channels-last between them: TVM's ConvertLayout carries the layout through elementwise ops,
@@ -990,6 +1011,7 @@ class CPUBackend(TVMBackend):
                     "the portable C path, which is slower than fp32 here; the build is correct and "
                     "runs fast on a CPU with AVX512-VNNI")
         layout = _choice(options, "layout", LAYOUTS)
+        mod = drop_identity_ops(mod)
         return to_channels_last(mod) if layout == "nhwc" else mod
 
     def after_offload(self, mod, options: CompileOptions):
