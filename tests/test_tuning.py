@@ -22,10 +22,10 @@ SEQ, HID, HEADS = 64, 128, 4
 
 
 def attention_model(seed=0):
-    """One causal attention block, as GPT-2 exports it: projections (kernels), head reshapes and
-    transposes and the causal mask by Where (TVM-generated: a Where between the scores and the
-    softmax is not the fused attention kernel's form), scores + softmax + context (kernels),
-    output projection + residual."""
+    """One causal attention block, as transformers 4's eager GPT-2 attention wrote it:
+    projections (kernels), head reshapes and transposes and the causal mask by Where
+    (TVM-generated: a Where between the scores and the softmax is not the fused attention
+    kernel's form), scores + softmax + context (kernels), output projection + residual."""
     rng = np.random.default_rng(seed)
     dh = HID // HEADS
     inits = [numpy_helper.from_array((rng.standard_normal((HID, HID)) * 0.1).astype("float32"), n)
