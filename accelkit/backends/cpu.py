@@ -189,6 +189,14 @@ def _scalar(expr) -> float | None:
     return float(value.reshape(())) if value is not None and value.size == 1 else None
 
 
+def _scale_factor(expr, divide: bool = False) -> float | None:
+    """The factor a nonzero scalar constant multiplies by (its inverse for a divide), or None."""
+    value = _scalar(expr)
+    if value is None or value == 0.0:
+        return None
+    return 1.0 / value if divide else value
+
+
 def _commutative(op: str, a, b):
     from tvm.relax.dpl import is_op
 
@@ -774,12 +782,9 @@ def bmm_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.bmm") -> list[
                 return None
             if batch_b == batch_a and as_[:-2] != bs[:-2]:
                 return None
-            factor = 1.0
-            if scale:
-                value = _scalar(matches[c])
-                if value is None or value == 0.0:
-                    return None
-                factor = 1.0 / value if scale == "divide" else value
+            factor = _scale_factor(matches[c], scale == "divide") if scale else 1.0
+            if factor is None:
+                return None
             res = _empty()
             if masked:
                 ms = _f32(matches[mask], range(1, 9))
@@ -852,18 +857,15 @@ def attention_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.attentio
                 return None
             if reshaped in matches and _f32(matches[reshaped]) != _f32(matches[context]):
                 return None  # only a reshape to the context's own shape is a no-op
-            factor = 1.0
-            if scale:
-                value = _scalar(matches[c])
-                if value is None or value == 0.0:
-                    return None
-                factor = 1.0 / value if scale == "divide" else value
+            factor = _scale_factor(matches[c], scale == "divide") if scale else 1.0
+            if factor is None:
+                return None
             if scale == "operands":  # (q c)(k^T c_k) = c c_k q k^T; the operands keep their shapes
-                value = _scalar(matches[c_k])
-                if value is None or value == 0.0 or any(_f32(matches[n]) != _f32(matches[x])
-                                                        for n, x in ((core.args[0], q4), (core.args[1], kt))):
+                other = _scale_factor(matches[c_k])
+                if other is None or any(_f32(matches[n]) != _f32(matches[x])
+                                        for n, x in ((core.args[0], q4), (core.args[1], kt))):
                     return None
-                factor *= value
+                factor *= other
             res = _empty()
             if masked:
                 ms = _f32(matches[mask], range(1, 5))

@@ -360,6 +360,12 @@ typedef struct {
   void (*softmax_rows)(const float* x, float* out, int64_t ld, int64_t rows, int64_t D);
 } ak_isa_table;
 void ak_pack_t_portable(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst);
+/* The transposing packer of the ISA in use (pack_t, or the portable one for lds >= 2^25). */
+void ak_pack_t_f32(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst);
+/* Softmax over rows of D (row stride ld; out may be x) with t's softmax_rows, or its
+ * softmax_row per row where the ISA has no multi-row one. */
+void ak_softmax_rows(const ak_isa_table* t, const float* x, float* out, int64_t ld, int64_t rows,
+                     int64_t D);
 extern const ak_isa_table ak_portable_table;
 extern const ak_isa_table ak_avx2_table;
 extern const ak_isa_table ak_avx512_table;

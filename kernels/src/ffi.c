@@ -376,16 +376,9 @@ static int ak_dense_w16(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny*
 }
 
 static void pack_transposed(const ak_gemm* g, int64_t bi, int64_t n0, float* dst) {
-  /* B[k][n] = b[n][k]: b is [N, K] row-major per batch */
-  const float* src = g->b + bi * g->b_bstride;
-  const int64_t nv = g->N - n0 < AK_NR ? g->N - n0 : AK_NR;
-  for (int64_t j = 0; j < nv; ++j) {
-    const float* s = src + (n0 + j) * g->ldb;
-    for (int64_t k = 0; k < g->K; ++k) dst[k * AK_NR + j] = s[k];
-  }
-  if (nv < AK_NR)
-    for (int64_t k = 0; k < g->K; ++k)
-      memset(dst + k * AK_NR + nv, 0, (size_t)(AK_NR - nv) * sizeof(float));
+  /* B[k][n] = b[n][k]: b is [N, K] row-major per batch; one panel of up to NR rows of it */
+  ak_pack_t_f32(g->b + bi * g->b_bstride + n0 * g->ldb, g->ldb, g->N - n0 < AK_NR ? g->N - n0 : AK_NR,
+                g->K, dst);
 }
 
 /* bmm(a[..., M, K], b[..., K, N] (or [..., N, K] with trans_b), res | [0], trans_b, scale,

@@ -122,23 +122,26 @@ void ak_pack_b_f32(const float* b, int64_t K, int64_t N, int transposed, float* 
   }
 }
 
-static void pack_rowmajor(const ak_gemm* g, int64_t bi, int64_t n0, float* dst) {
-  const float* src = g->b + bi * g->b_bstride + n0;
-  const int64_t nv = g->N - n0 < AK_NR ? g->N - n0 : AK_NR;
+/* One panel of a row-major B: dst[k][j] = src[k * ld + j] for j < nv, zeros up to AK_NR. */
+static void pack_panel(const float* src, int64_t ld, int64_t K, int64_t nv, float* dst) {
   if (nv == AK_NR) {
-    for (int64_t k = 0; k < g->K; ++k) {
-      const float* s = src + k * g->ldb;
+    for (int64_t k = 0; k < K; ++k) {
+      const float* s = src + k * ld;
       float* d = dst + k * AK_NR;
 #pragma GCC unroll 32
       for (int j = 0; j < AK_NR; ++j) d[j] = s[j];
     }
     return;
   }
-  for (int64_t k = 0; k < g->K; ++k) {
+  for (int64_t k = 0; k < K; ++k) {
     float* d = dst + k * AK_NR;
-    memcpy(d, src + k * g->ldb, (size_t)nv * sizeof(float));
+    memcpy(d, src + k * ld, (size_t)nv * sizeof(float));
     memset(d + nv, 0, (size_t)(AK_NR - nv) * sizeof(float));
   }
+}
+
+static void pack_rowmajor(const ak_gemm* g, int64_t bi, int64_t n0, float* dst) {
+  pack_panel(g->b + bi * g->b_bstride + n0, g->ldb, g->K, g->N - n0 < AK_NR ? g->N - n0 : AK_NR, dst);
 }
 
 /* im2col straight into a panel: B[(c, ky, kx)][(oy, ox)] = x[c, oy*SH-PH+ky*DH, ox*SW-PW+kx*DW].
@@ -1181,30 +1184,31 @@ typedef struct {
 
 static void rows_range(int64_t begin, int64_t end, void* ctx) {
   const ak_rows_job* job = (const ak_rows_job*)ctx;
-  const ak_isa_table* t = ak_table();
-  if (job->fn == t->softmax_row && t->softmax_rows) {
-    t->softmax_rows(job->x + begin * job->D, job->out + begin * job->D, job->D, end - begin, job->D);
-    return;
-  }
   for (int64_t r = begin; r < end; ++r)
     job->fn(job->x + r * job->D, job->gamma, job->beta, job->out + r * job->D, job->D, job->eps);
 }
 
-static void run_rows(ak_rows_job* job, int64_t rows, int threads) {
+static void softmax_range(int64_t begin, int64_t end, void* ctx) {
+  const ak_rows_job* job = (const ak_rows_job*)ctx;
+  ak_softmax_rows(ak_table(), job->x + begin * job->D, job->out + begin * job->D, job->D, end - begin,
+                  job->D);
+}
+
+static void run_rows(void (*body)(int64_t, int64_t, void*), ak_rows_job* job, int64_t rows, int threads) {
   /* whole rows per task; untuned, tiny inputs run on the calling thread */
-  if (threads == 1 || (threads == 0 && rows * job->D < 16384)) rows_range(0, rows, job);
-  else ak_parallel_range_n(rows_range, job, rows, threads);
+  if (threads == 1 || (threads == 0 && rows * job->D < 16384)) body(0, rows, job);
+  else ak_parallel_range_n(body, job, rows, threads);
 }
 
 void ak_layer_norm_f32(const float* x, const float* gamma, const float* beta, float* out,
                        int64_t rows, int64_t D, float eps, int threads) {
   ak_rows_job job = {x, gamma, beta, out, D, eps, ak_table()->layer_norm_row};
-  run_rows(&job, rows, threads);
+  run_rows(rows_range, &job, rows, threads);
 }
 
 void ak_softmax_f32(const float* x, float* out, int64_t rows, int64_t D, int threads) {
-  ak_rows_job job = {x, NULL, NULL, out, D, 0.f, ak_table()->softmax_row};
-  run_rows(&job, rows, threads);
+  ak_rows_job job = {x, NULL, NULL, out, D, 0.f, NULL};
+  run_rows(softmax_range, &job, rows, threads);
 }
 
 /* ---- fused attention --------------------------------------------------------------------- */
@@ -1222,16 +1226,24 @@ void ak_pack_t_portable(const float* src, int64_t lds, int64_t rows, int64_t col
   }
 }
 
+void ak_pack_t_f32(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst) {
+  const ak_isa_table* t = ak_table();
+  (t->pack_t && lds < ((int64_t)1 << 25) ? t->pack_t : ak_pack_t_portable)(src, lds, rows, cols, dst);
+}
+
 /* dst[p][r][c] = src[r * lds + p * NR + c]: rows x cols (row stride lds) into column panels. */
 static void pack_panels(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst) {
-  for (int64_t c0 = 0; c0 < cols; c0 += AK_NR) {
-    float* d = dst + (c0 / AK_NR) * rows * AK_NR;
-    const int64_t nv = cols - c0 < AK_NR ? cols - c0 : AK_NR;
-    for (int64_t r = 0; r < rows; ++r) {
-      memcpy(d + r * AK_NR, src + r * lds + c0, (size_t)nv * sizeof(float));
-      if (nv < AK_NR) memset(d + r * AK_NR + nv, 0, (size_t)(AK_NR - nv) * sizeof(float));
-    }
+  for (int64_t c0 = 0; c0 < cols; c0 += AK_NR)
+    pack_panel(src + c0, lds, rows, cols - c0 < AK_NR ? cols - c0 : AK_NR, dst + (c0 / AK_NR) * rows * AK_NR);
+}
+
+void ak_softmax_rows(const ak_isa_table* t, const float* x, float* out, int64_t ld, int64_t rows,
+                     int64_t D) {
+  if (t->softmax_rows) {
+    t->softmax_rows(x, out, ld, rows, D);
+    return;
   }
+  for (int64_t r = 0; r < rows; ++r) t->softmax_row(x + r * ld, NULL, NULL, out + r * ld, D, 0.f);
 }
 
 #define AK_ATTN_TILES 4 /* micro-tiles of query rows per block (one K or V panel across them) */
@@ -1258,8 +1270,6 @@ static void attn_range(int64_t begin, int64_t end, void* ctx) {
   if (!kp) return; /* out of memory: leave the output as is */
   float* vp = kp + PK * D * AK_NR;
   float* sb = vp + PV * Sk * AK_NR;
-  void (*pack_t)(const float*, int64_t, int64_t, int64_t, float*) =
-      t->pack_t && qs < ((int64_t)1 << 25) ? t->pack_t : ak_pack_t_portable;
   ak_epilogue se, pe;
   memset(&se, 0, sizeof(se));
   memset(&pe, 0, sizeof(pe));
@@ -1270,7 +1280,7 @@ static void attn_range(int64_t begin, int64_t end, void* ctx) {
   for (int64_t idx = begin; idx < end; ++idx) {
     const int64_t bh = idx / job->rblocks, rb = idx % job->rblocks, b = bh / H, h = bh % H;
     if (bh != packed) {
-      pack_t(a->k + b * Sk * qs + h * D, qs, Sk, D, kp);
+      ak_pack_t_f32(a->k + b * Sk * qs + h * D, qs, Sk, D, kp);
       pack_panels(a->v + b * Sk * vs + h * Dv, vs, Sk, Dv, vp);
       packed = bh;
     }
@@ -1289,9 +1299,7 @@ static void attn_range(int64_t begin, int64_t end, void* ctx) {
                  a->m_sr, &se);
         }
       }
-      if (t->softmax_rows) t->softmax_rows(sb, sb, lds, i1 - i0, Sk);
-      else
-        for (int64_t r = 0; r < i1 - i0; ++r) t->softmax_row(sb + r * lds, NULL, NULL, sb + r * lds, Sk, 0.f);
+      ak_softmax_rows(t, sb, sb, lds, i1 - i0, Sk);
       for (int64_t p = 0; p < PV; ++p) {
         const int nv = (int)(Dv - p * AK_NR < AK_NR ? Dv - p * AK_NR : AK_NR);
         for (int64_t i = i0; i < i1; i += step) {
