@@ -18,6 +18,7 @@ cdef extern from "ak_kernels.h":
     int ak_force_portable
     const char* ak_int8_path()
     const char* ak_w16_path()
+    int ak_weights_cached(long long bytes)
 
 cdef extern int ak_register_all() nogil
 
@@ -61,6 +62,12 @@ def int8_path():
 def w16_path():
     """The 16-bit-weight (bf16/fp16) dense kernel's path: 'avx512' or 'portable'."""
     return ak_w16_path().decode()
+
+
+def weights_cached(long long nbytes):
+    """Whether the dense kernels treat a model of `nbytes` as staying in the last-level cache
+    (its rows, not its weight panels, are split between the threads: ak_set_model_bytes)."""
+    return bool(ak_weights_cached(nbytes))
 
 
 def portable():

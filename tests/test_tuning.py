@@ -274,6 +274,49 @@ def test_attention_calls_are_tuned_over_thread_counts():
     assert not wrong and set(rows) == set(tasks[0].configs(2)) and all(s and s > 0 for s in rows.values()), rows
 
 
+def test_dense_calls_are_measured_and_keyed_as_the_model_splits_them(cache, monkeypatch):
+    """A model whose weights stay in the last-level cache runs its dense layers with the rows
+    split between the threads (ak_set_model_bytes), not the weight panels. Tuning measures them
+    with the model's size told to the kernels, as the runner does, and keys those tasks apart
+    from the same shapes measured in a model that does not stay cached; compile applies them."""
+    from accelkit import frontend
+    from accelkit.backends import CompileOptions, get_backend
+    from accelkit.tuning import kernels as ktune
+
+    model = attention_model()
+    _, mod = get_backend("cpu").tuning_module(frontend.prepare(model), CompileOptions())
+    weights = sum(np.prod(i.dims) * 4 for i in model.graph.initializer if i.data_type == TensorProto.FLOAT)
+    assert weights <= ktune.model_bytes(mod) <= weights + 64 * 1024  # packed weights, a few constants
+    assert ktune.weights_cached(mod)  # 260 KB
+    cached = {t.kernel: t.key for t in ktune.extract(mod, True)}
+    plain = {t.kernel: t.key for t in ktune.extract(mod, False)}
+    assert cached["accelkit.cpu.dense"] == plain["accelkit.cpu.dense"] + " weights-cached"
+    assert cached["accelkit.cpu.bmm"] == plain["accelkit.cpu.bmm"]  # only dense splits by it
+
+    told = []
+    measure = ktune.measure_local
+
+    def recording(library, inputs, count, **how):
+        told.append(how.get("model_bytes"))
+        return measure(library, inputs, count, **{**how, "target_ms": 5.0})
+
+    monkeypatch.setattr(ktune, "measure_local", recording)
+    tuning.tune(model, options=tuning.TuneOptions(budget=30, tir=False, progress=False))
+    assert told and set(told) == {ktune.model_bytes(mod)}
+    db = _db_dir(cache)
+    decisions = json.load(open(os.path.join(db, "decisions.json")))
+    dense = [k for k in decisions["kernels"] if k.startswith("accelkit.cpu.dense")]
+    assert dense and all(k.endswith(" weights-cached") for k in dense), dense
+
+    # compile finds a decision under the cached key (make one tuned, whatever was measured)
+    entry = decisions["kernels"][dense[0]]
+    entry.update(use="tuned", config=ktune.pack_config(threads=1), tuned_s=entry["default_s"] / 2)
+    with open(os.path.join(db, "decisions.json"), "w") as f:
+        json.dump(decisions, f)
+    applied = accelkit.compile(model).manifest["tuning"]["applied"]["kernels"]
+    assert any(line.startswith(entry["name"] + ": threads=1") for line in applied), applied
+
+
 def test_a_candidate_that_computes_something_else_is_refused():
     import tvm
     from tvm import te

@@ -112,6 +112,7 @@ class Applied:
             return mod
         table = self.kernels
         sites: dict[str, int] = {}  # tuned task -> call sites configured
+        cached = ktune.weights_cached(mod)
 
         @relax.expr_functor.mutator
         class _Configure(relax.PyExprMutator):
@@ -123,7 +124,7 @@ class Applied:
                 if kernel not in ktune.KERNELS or len(call.args[1].fields) != ktune.KERNELS[kernel]:
                     return call
                 try:
-                    key = ktune.task_key(call)
+                    key = ktune.task_key(call, cached)
                 except (TypeError, AttributeError):
                     return call
                 entry = table.get(key)
@@ -309,7 +310,7 @@ def tune(model, *, backend: str = "cpu", input_shapes=None, options: TuneOptions
     from accelkit.tuning import kernels as ktune
     from accelkit.tuning import tir as ttune
 
-    ktasks = ktune.extract(mod) if options.kernels else []
+    ktasks = ktune.extract(mod, ktune.weights_cached(mod)) if options.kernels else []
     ttasks = ttune.extract(mod) if options.tir else []
     # time kept back for what follows the search (the caller's compile of the tuned model)
     reserve = min(0.1 * options.budget, 30.0)
@@ -318,7 +319,7 @@ def tune(model, *, backend: str = "cpu", input_shapes=None, options: TuneOptions
         saved = [0.0]
         try:
             _tune_kernels(be, target, db, ktasks, decisions, options, report, progress,
-                          deadline - reserve, saved, threads.pool_size())
+                          deadline - reserve, saved, threads.pool_size(), ktune.model_bytes(mod))
             _tune_tir(target, db, ttasks, decisions, options, report, progress, deadline - reserve, saved)
         except KeyboardInterrupt:
             report.interrupted = True
@@ -350,20 +351,23 @@ def _remote_session(options: TuneOptions, timeout: float):
     return connect
 
 
-def _tune_kernels(be, target, db, tasks, decisions, options, report, progress, deadline, saved, pool):
+def _tune_kernels(be, target, db, tasks, decisions, options, report, progress, deadline, saved, pool,
+                  model_bytes):
     from accelkit.tuning import kernels as ktune
 
     if not tasks:
         return
     digest = be.kernels_digest()
     measured = db.kernel_trials(digest)
+    # the kernels measure with the model's size, so that they split their work as in the model
     if options.rpc_tracker:
         connect = _remote_session(options, 120)
 
         def measure(library, inputs, count, **how):
-            return ktune.measure_rpc(connect, library, inputs, count, **how)
+            return ktune.measure_rpc(connect, library, inputs, count, model_bytes=model_bytes, **how)
     else:
-        measure = ktune.measure_local
+        def measure(library, inputs, count, **how):
+            return ktune.measure_local(library, inputs, count, model_bytes=model_bytes, **how)
     for n, task in enumerate(tasks):
         progress.update("kernels", task.name, n, len(tasks), report.trials, saved[0] * 1e3)
         done = measured.get(task.key, {})

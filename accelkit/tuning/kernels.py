@@ -139,21 +139,51 @@ def kernel_calls(mod) -> list[tuple[Any, Any]]:
     return found
 
 
-def task_key(call) -> str:
+def model_bytes(mod) -> int:
+    """The bytes of the module's constants (its weights): what the runner tells the kernels as the
+    model's size (ak_set_model_bytes; the runner counts the library, code included)."""
+    import tvm
+    from tvm import relax
+
+    total = [0]
+
+    def visit(expr):
+        data = expr.value if isinstance(expr, tvm.ir.expr.Constant) else None
+        if isinstance(data, tvm.runtime.Tensor):  # (a scalar constant holds a Python number)
+            total[0] += int(np.prod(data.shape, dtype=np.int64)) * np.dtype(str(data.dtype)).itemsize
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return total[0]
+
+
+def weights_cached(mod) -> bool:
+    """Whether the dense kernels will run this module's weights as cached (rows split between the
+    threads, not weight panels): a dense call's speed, and so its best config, depends on it."""
+    from accelkit import kernels as loaded
+
+    return loaded.load().weights_cached(model_bytes(mod))
+
+
+def task_key(call, cached: bool = False) -> str:
+    """Kernel, argument types and attributes, and for a dense call in a model whose weights stay
+    cached (`cached`), that: it runs another work split there."""
     kernel = str(call.args[0].global_symbol)
     args = list(call.args[1].fields)[:KERNELS[kernel]]
     out = call.ty
-    return f"{kernel}({', '.join(_arg_key(a) for a in args)}) -> {out.dtype}{[int(d) for d in out.shape]}"
+    key = f"{kernel}({', '.join(_arg_key(a) for a in args)}) -> {out.dtype}{[int(d) for d in out.shape]}"
+    return key + " weights-cached" if cached and kernel == "accelkit.cpu.dense" else key
 
 
-def extract(mod) -> list[KernelTask]:
+def extract(mod, cached: bool = False) -> list[KernelTask]:
     tasks: dict[str, KernelTask] = {}
     for _, call in kernel_calls(mod):
         kernel = str(call.args[0].global_symbol)
         if len(call.args[1].fields) != KERNELS[kernel]:
             continue  # already carries a config
         try:
-            key = task_key(call)
+            key = task_key(call, cached)
         except (TypeError, AttributeError):  # symbolic shapes: nothing to measure ahead of time
             continue
         if key in tasks:
@@ -211,11 +241,13 @@ def build(task: KernelTask, configs: list[int], target, directory: str) -> tuple
 
 
 def measure_local(library: str, inputs: list, count: int, *, rounds: int = 5, target_ms: float = 40.0,
-                  only: list[int] | None = None) -> tuple[list[float | None], list[bool]]:
+                  only: list[int] | None = None, model_bytes: int = 0) -> tuple[list[float | None], list[bool]]:
     """Median seconds per config (interleaved rounds, each config timed in every round), and
     whether each config's output equals the untuned one (config 0 = function c0); `only`: time
-    just these functions (the others get None)."""
+    just these functions (the others get None). `model_bytes`: the tuned model's size, told to
+    the kernels as the runner does, so that they split their work as they will in the model."""
     import tvm
+    import tvm_ffi
     from tvm import relax
 
     from accelkit import kernels as loaded
@@ -223,6 +255,7 @@ def measure_local(library: str, inputs: list, count: int, *, rounds: int = 5, ta
     loaded.load()
     dev = tvm.cpu(0)
     vm = relax.VirtualMachine(tvm.runtime.load_module(library), dev)
+    tvm_ffi.get_global_func("accelkit.cpu.set_model_bytes")(model_bytes)
     return _measure(vm, dev, inputs, count, rounds, target_ms, lambda a: tvm.runtime.tensor(a, dev), only)
 
 
@@ -247,7 +280,7 @@ def _measure(vm, dev, inputs, count, rounds, target_ms, to_device: Callable, onl
 
 
 def measure_rpc(session_factory, library: str, inputs: list, count: int, *, rounds: int = 5,
-                target_ms: float = 40.0, only: list[int] | None = None):
+                target_ms: float = 40.0, only: list[int] | None = None, model_bytes: int = 0):
     """The same on a machine of the RPC tracker (its server must have accelkit's kernels, i.e.
     run `accelkit rpc-server`)."""
     import tvm
@@ -262,6 +295,7 @@ def measure_rpc(session_factory, library: str, inputs: list, count: int, *, roun
     except Exception as exc:  # noqa: BLE001 - TVM raises several kinds for a missing function
         raise BackendError("the RPC server does not have accelkit's kernels: start it with "
                            "`accelkit rpc-server`, not tvm.exec.rpc_server") from exc
+    session.get_function("accelkit.cpu.set_model_bytes")(model_bytes)
     session.upload(library)
     rlib = session.load_module(os.path.basename(library))
     dev = session.cpu(0)
@@ -270,8 +304,9 @@ def measure_rpc(session_factory, library: str, inputs: list, count: int, *, roun
 
 
 def tune_task(task: KernelTask, target, pool: int, measure, done: dict[int, float | None]):
-    """Measure the configs of `task` not measured before (`done`); returns
-    (new rows {config: secs | None}, configs refused for a different output)."""
+    """Measure the configs of `task` not measured before (`done`) with `measure` (measure_local
+    or measure_rpc, the model's size bound); returns (new rows {config: secs | None}, configs
+    refused for a different output)."""
     configs = [c for c in task.configs(pool) if c not in done]
     if not configs:
         return {}, []

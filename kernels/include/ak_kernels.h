@@ -109,6 +109,8 @@ struct ak_gemm {
  * 0 = unknown. Dense layers split their rows between the threads when it fits in half the
  * last-level cache (see ak_gemm_f32). */
 void ak_set_model_bytes(int64_t bytes);
+/* Whether a model of this many bytes counts as staying in the last-level cache (half of it). */
+int ak_weights_cached(int64_t bytes);
 
 /* Runs a GEMM description (validated by the caller), in parallel. */
 void ak_gemm_f32(const ak_gemm* g);

@@ -337,14 +337,16 @@ static __thread int64_t t_model_bytes = 0;
 
 void ak_set_model_bytes(int64_t bytes) { t_model_bytes = bytes; }
 
-static int weights_cached(void) {
+int ak_weights_cached(int64_t bytes) {
   static int64_t llc = -1;
   if (llc < 0) {
     const long v = sysconf(_SC_LEVEL3_CACHE_SIZE);
     llc = v > 0 ? v : 0;
   }
-  return t_model_bytes > 0 && t_model_bytes <= llc / 2;
+  return bytes > 0 && bytes <= llc / 2;
 }
+
+static int weights_cached(void) { return ak_weights_cached(t_model_bytes); }
 
 /* B-resident order: when a batch's whole B (packed) fits in L2 and A is the bigger operand (1x1
  * and small-image convolutions: many output channels, few pixels), pack every panel once into a
