@@ -91,7 +91,8 @@ def conv_model(seed=1):
 
 
 def mha_model(b=2, s=12, heads=3, d=8, scale_op="Div", mask_shape=(2, 1, 1, 12), k_perms=((0, 2, 3, 1),),
-              merge=True, v_perm=(0, 2, 1, 3), softmax_axis=-1, noops=False):
+              merge=True, v_perm=(0, 2, 1, 3), softmax_axis=-1, noops=False, where=None,
+              fill=float(np.finfo(np.float32).min)):
     """Multi-head self-attention as torch exports a transformer layer: projections reshaped to
     [B, S, H, D], the heads transposed out, scores scaled and masked, softmax, the context
     transposed back and merged, then the output projection. scale_op "Operands" is torch's
@@ -99,7 +100,9 @@ def mha_model(b=2, s=12, heads=3, d=8, scale_op="Div", mask_shape=(2, 1, 1, 12),
     the context reshaped to its own shape before the merge. v_perm and softmax_axis make
     variants that are not attention (with s == d they still type-check). noops adds GPT-2's
     no-ops: a one-tensor Concat after each head transpose of K and V (the empty key/value
-    cache) and a Cast to float after the softmax."""
+    cache) and a Cast to float after the softmax. where "const" applies a causal mask as
+    transformers 4's eager GPT-2 does, Where(tril, scores, fill) before the mask's Add; where
+    "input" takes that condition as a bool input "cond" [1, 1, s, s]."""
     F = TensorProto.FLOAT
 
     def const(name, array):
@@ -137,9 +140,17 @@ def mha_model(b=2, s=12, heads=3, d=8, scale_op="Div", mask_shape=(2, 1, 1, 12),
         nodes += [helper.make_node("MatMul", ["q4", src], ["qk"]), helper.make_node(scale_op, ["qk", "scale"], ["sc"])]
     inputs = [helper.make_tensor_value_info("x", F, [b, s, e])]
     scores = "sc"
+    if where is not None:
+        inits.append(const("fill", fill))
+        if where == "const":
+            inits.append(numpy_helper.from_array(np.tril(np.ones((s, s), bool))[None, None], "cond"))
+        else:
+            inputs.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, [1, 1, s, s]))
+        nodes.append(helper.make_node("Where", ["cond", "sc", "fill"], ["sw"]))
+        scores = "sw"
     if mask_shape is not None:
         inputs.append(helper.make_tensor_value_info("mask", F, list(mask_shape)))
-        nodes.append(helper.make_node("Add", ["sc", "mask"], ["sm"]))
+        nodes.append(helper.make_node("Add", [scores, "mask"], ["sm"]))
         scores = "sm"
     nodes += [helper.make_node("Softmax", [scores], ["p0"], axis=softmax_axis),
               helper.make_node("Cast", ["p0"], ["p"], to=TensorProto.FLOAT) if noops

@@ -48,6 +48,50 @@ def test_transformer_ffn_gelu_erf_and_residual_on_3d_input():
     check(ffn_model(), {"cpu.dense_bias_gelu": 1, "cpu.dense_bias_add": 1})
 
 
+def gpt2_mlp_model(a=0.044715, act="gelu_new"):
+    """GPT-2's MLP as torch exports it: Conv1D layers are 2-D Gemms on x viewed as [B*S, E],
+    reshaped to [B, S, N] around the activation, transformers' NewGELU written out as
+    0.5 x (1 + tanh(sqrt(2/pi) (x + a x^3))) (act "relu": a Relu there instead)."""
+    rng = np.random.default_rng(11)
+    b, s, e, n = 2, 5, 16, 64
+    nodes = [helper.make_node("Reshape", ["x", "flat"], ["x2"]),
+             helper.make_node("Gemm", ["x2", "W1", "b1"], ["h2"]),
+             helper.make_node("Reshape", ["h2", "wide"], ["h"])]
+    if act == "gelu_new":
+        nodes += [helper.make_node("Mul", ["half", "h"], ["hh"]),
+                  helper.make_node("Pow", ["h", "three"], ["h3"]), helper.make_node("Mul", ["a", "h3"], ["ah3"]),
+                  helper.make_node("Add", ["h", "ah3"], ["inner"]), helper.make_node("Mul", ["c", "inner"], ["u"]),
+                  helper.make_node("Tanh", ["u"], ["t"]), helper.make_node("Add", ["one", "t"], ["t1"]),
+                  helper.make_node("Mul", ["hh", "t1"], ["g"])]
+    else:
+        nodes.append(helper.make_node("Relu", ["h"], ["g"]))
+    nodes += [helper.make_node("Reshape", ["g", "flat_n"], ["g2"]),
+              helper.make_node("Gemm", ["g2", "W2", "b2"], ["o2"]),
+              helper.make_node("Reshape", ["o2", "narrow"], ["y"])]
+    inits = [const("W1", rng.standard_normal((e, n)) / 4), const("b1", rng.standard_normal(n)),
+             const("W2", rng.standard_normal((n, e)) / 8), const("b2", rng.standard_normal(e)),
+             const("half", 0.5), const("three", 3.0), const("a", a), const("c", math.sqrt(2 / math.pi)),
+             const("one", 1.0)]
+    inits += [numpy_helper.from_array(np.array(v, np.int64), name) for name, v in
+              (("flat", [b * s, e]), ("wide", [b, s, n]), ("flat_n", [b * s, n]), ("narrow", [b, s, e]))]
+    return make_model(nodes, [helper.make_tensor_value_info("x", F, [b, s, e])],
+                      [helper.make_tensor_value_info("y", F, [b, s, e])], inits)
+
+
+@pytest.mark.parametrize("act, fused", [("gelu_new", "cpu.dense_bias_gelu_tanh"), ("relu", "cpu.dense_bias_relu")])
+def test_gpt2_mlp_activation_is_the_dense_epilogue(act, fused):
+    """GPT-2's written-out tanh-GELU becomes gelu_tanh, and an activation between the reshapes
+    around a 2-D Gemm moves inside them: both go into the first dense call's epilogue (TVM
+    computed that GELU with scalar pow and tanh calls, 3.5 ms per GPT-2-small layer)."""
+    check(gpt2_mlp_model(act=act), {fused: 1, "cpu.dense_bias": 1})
+
+
+def test_tanh_gelu_with_other_constants_is_not_taken_for_gelu():
+    """0.05 instead of 0.044715 is some other function: TVM computes it as written, correct."""
+    model = check(gpt2_mlp_model(a=0.05), {"cpu.dense_bias": 2})
+    assert "cpu.dense_bias_gelu_tanh" not in model.manifest["offloaded"]
+
+
 def test_gelu_with_other_constants_is_not_taken_for_gelu():
     rng = np.random.default_rng(3)
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
@@ -148,6 +192,50 @@ def test_multi_head_attention_is_one_kernel_call(scale_op, mask_shape, k_perms, 
     noops = scale_op.endswith("-noops")
     check(mha_model(scale_op=scale_op.removesuffix("-noops"), mask_shape=mask_shape, k_perms=k_perms, noops=noops),
           {f"cpu.{name}": 1, "cpu.dense_bias": 3, "cpu.dense": 1})
+
+
+def _without_attention(proto):
+    from accelkit.backends import cpu
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu, "attention_patterns", lambda *args, **kwargs: [])
+        return accelkit.compile(proto, cache=False)
+
+
+@pytest.mark.parametrize("where,mask_shape,name", [
+    ("const", (2, 1, 1, 12), "attention_scaled_where_masked"),  # causal tril + padding mask
+    ("const", None, "attention_scaled_where"),
+    ("input", (1, 1, 12, 12), "attention_scaled_where_masked"),  # the condition computed at run time
+    ("input", None, "attention_scaled_where"),
+])
+def test_causal_mask_by_where_is_fused_as_an_additive_mask(where, mask_shape, name):
+    """transformers 4's eager GPT-2: where(causal, scores, finfo.min) [+ mask]. The attention
+    kernel adds where(causal, 0, finfo.min) [+ mask] instead (a constant when the condition is
+    one), which gives the same scores bit for bit: a kept score plus 0 is itself, and finfo.min
+    plus a score rounds to finfo.min. So the output equals the unfused kernels' exactly, for a
+    row with every key masked too."""
+    proto = mha_model(where=where, mask_shape=mask_shape)
+    model = check(proto, {f"cpu.{name}": 1, "cpu.dense_bias": 3, "cpu.dense": 1})
+    unfused = _without_attention(proto)
+    assert "cpu.bmm_scaled" in unfused.manifest["offloaded"]
+    rng = np.random.default_rng(3)
+    feeds = {"x": rng.standard_normal((2, 12, 24)).astype(np.float32)}
+    if mask_shape is not None:
+        feeds["mask"] = rng.standard_normal(mask_shape).astype(np.float32)
+    if where == "input":
+        cond = rng.random((1, 1, 12, 12)) > 0.4
+        cond[..., 5, :] = False  # a query that sees no key: uniform weights either way
+        feeds["cond"] = cond
+    got, want = model.run(feeds)[0], unfused.run(feeds)[0]
+    assert np.isfinite(got).all() and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("fill", [-1e4, 0.0])
+def test_where_fills_that_shift_scores_stay_unfused(fill):
+    """A fill above -1e30 (GPT-2's old masked_bias -1e4) does not swamp the score it replaces, so
+    adding it would change the masked scores: that Where stays with TVM, correct."""
+    check(mha_model(where="const", fill=fill),
+          {"cpu.bmm_scaled": 1, "cpu.softmax": 1, "cpu.bmm": 1, "cpu.dense_bias": 3, "cpu.dense": 1})
 
 
 def test_attention_not_in_the_exporters_form_stays_unfused():

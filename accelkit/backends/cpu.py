@@ -647,6 +647,59 @@ def drop_identity_ops(mod):
     return mod
 
 
+_UNARY_ACTS = ("relax.nn.gelu_tanh", "relax.nn.gelu", "relax.nn.relu", "relax.nn.silu", "relax.sigmoid")
+
+
+def canonical_activations(mod):
+    """Activations in the form the dense epilogues take:
+    - tanh-GELU as exporters write it out, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+      (transformers' NewGELU: GPT-2, GPT-J, CodeGen), -> relax.nn.gelu_tanh(x). TVM computes the
+      written-out form with scalar pow and tanh calls: 3.5 ms per 128 x 3072 layer here;
+    - act(reshape(y)) -> reshape(act(y)) for a unary activation, and reshape(reshape(y)) ->
+      reshape(y): GPT-2's Conv1D layers are 2-D Gemms whose outputs are reshaped to
+      [B, S, N] before the activation and back after it, which hides the activation from the
+      dense kernel's epilogue. Reshapes are views; the values are the same."""
+    from tvm import relax
+    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+    x, c3, ca, cb, c1, ch = wildcard(), is_const(), is_const(), is_const(), is_const(), is_const()
+    cube = is_op("relax.power")(x, c3)
+    t = is_op("relax.tanh")(_commutative("relax.multiply",
+                                         _commutative("relax.add", x, _commutative("relax.multiply", cube, ca)), cb))
+    one_plus = _commutative("relax.add", t, c1)
+    gelu = (_commutative("relax.multiply", _commutative("relax.multiply", x, ch), one_plus)
+            | _commutative("relax.multiply", _commutative("relax.multiply", x, one_plus), ch))
+
+    def to_gelu(expr, matches):
+        values = [_scalar(matches[c]) for c in (c3, ca, cb, c1, ch)]
+        if _f32(matches[x]) is None or None in values:
+            return expr
+        three, a, b, one, half = values
+        if not (three == 3.0 and math.isclose(a, 0.044715, rel_tol=1e-5) and one == 1.0 and half == 0.5
+                and math.isclose(b, math.sqrt(2 / math.pi), rel_tol=1e-5)):
+            return expr
+        return relax.op.nn.gelu_tanh(matches[x])
+
+    y, shape = wildcard(), wildcard()
+    reshaped = is_op("relax.reshape")(y, shape)
+    act = is_op(_UNARY_ACTS[0])(reshaped)
+    for name in _UNARY_ACTS[1:]:
+        act = act | is_op(name)(reshaped)
+    twice = is_op("relax.reshape")(is_op("relax.reshape")(y, wildcard()), shape)
+
+    def sink(expr, matches):
+        inner = matches[y]
+        if getattr(expr.op, "name", "") in _UNARY_ACTS:
+            inner = relax.Call(expr.op, [inner], expr.attrs)
+        return relax.op.reshape(inner, matches[shape])
+
+    for gvar, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            func = rewrite_call(gelu, to_gelu, func)
+            mod[gvar] = rewrite_call(act | twice, sink, func)
+    return mod
+
+
 def to_channels_last(mod):
     """Rewrite the NCHW convolutions of `mod` into NHWC ones, with the activations kept
     channels-last between them: TVM's ConvertLayout carries the layout through elementwise ops,
@@ -806,23 +859,53 @@ def _scores_broadcast(mask: tuple[int, ...], scores: tuple[int, ...]) -> bool:
     return all(m in (s, 1) for m, s in zip(reversed(mask), reversed(scores)))
 
 
+# a Where mask's fill at or below this (finfo(float32).min, -inf): fill + score rounds to the fill
+# for any score below 1e22, so adding it as a mask gives the Where's values
+_WHERE_FILL_MAX = -1e30
+
+
+def _where_mask(matches, cond, fill, scores: tuple[int, ...]):
+    """where(cond, s, fill) as an additive mask: where(cond, 0, fill), a constant when cond is
+    one. None unless cond is a bool tensor that broadcasts to the scores and fill a scalar
+    constant at most _WHERE_FILL_MAX (e.g. -1e4 would shift masked scores, not replace them)."""
+    from tvm import relax
+
+    dtype, shape = tensor_type(matches[cond])
+    value = _scalar(matches[fill])
+    if dtype != "bool" or shape is None or not _scores_broadcast(shape, scores) \
+            or value is None or not value <= _WHERE_FILL_MAX:
+        return None
+    zero, filled = np.float32(0), np.float32(value)
+    known = _const_value(matches[cond])
+    if known is not None:
+        return relax.const(np.where(known, zero, filled).astype(np.float32))
+    return relax.op.where(matches[cond], relax.const(zero), relax.const(filled))
+
+
 def attention_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.attention") -> list[KernelPattern]:
     """Multi-head attention as the exporters write it, heads split from and merged back into the
     projections' [B, S, H, D] layout:
 
         q4 = permute(q, [0, 2, 1, 3]); v4 = permute(v, [0, 2, 1, 3])
         kt = permute(k, [0, 2, 3, 1]), or permute(permute(k, [0, 2, 1, 3]), [0, 1, 3, 2])
-        out = permute(softmax(matmul(q4, kt) [* or / scale] [+ mask]) @ v4, [0, 2, 1, 3])
+        s = matmul(q4, kt) [* or / scale]
+        out = permute(softmax(s [+ mask]) @ v4, [0, 2, 1, 3])
 
     or with the scale split over the operands, as torch exports scaled_dot_product_attention
     (transformers 5's ViT and BERT): matmul(q4 * sqrt(scale), kt * sqrt(scale)), and a reshape
-    of the context to its own shape before the last permute. -> one kernel call: the four transposes, both matmuls and the softmax (the scores stay in
-    the thread's cache). q, k and v are the projections' outputs reshaped to [B, S, H, D], a view."""
+    of the context to its own shape before the last permute; or with a causal mask applied as
+    where(cond, s, finfo.min) [+ mask] (transformers 4's eager GPT-2), which becomes the additive
+    mask where(cond, 0, finfo.min) [+ mask]. -> one kernel call: the four transposes, both
+    matmuls and the softmax (the scores stay in the thread's cache). q, k and v are the
+    projections' outputs reshaped to [B, S, H, D], a view."""
+    from tvm import relax
     from tvm.relax.dpl import is_const, is_op, wildcard
 
     result = []
-    for masked, scale, k_steps in itertools.product((True, False), ("divide", "multiply", "operands", None), (1, 2)):
+    masks = ("add", "where_add", "where", None)
+    for masked, scale, k_steps in itertools.product(masks, ("divide", "multiply", "operands", None), (1, 2)):
         q, k, v, c, c_k, mask = wildcard(), wildcard(), wildcard(), is_const(), is_const(), wildcard()
+        cond, fill = wildcard(), is_const()
         q4, k4, v4 = (is_op("relax.permute_dims")(x) for x in (q, k, v))
         kt = k4 if k_steps == 1 else is_op("relax.permute_dims")(k4)
         if scale == "operands":
@@ -831,15 +914,16 @@ def attention_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.attentio
             core = is_op("relax.matmul")(q4, kt)
         scaled = {"divide": is_op("relax.divide")(core, c),
                   "multiply": _commutative("relax.multiply", core, c)}.get(scale, core)
-        scores = _commutative("relax.add", scaled, mask) if masked else scaled
+        gated = is_op("relax.where")(cond, scaled, fill) if masked in ("where", "where_add") else scaled
+        scores = _commutative("relax.add", gated, mask) if masked in ("add", "where_add") else gated
         probs = is_op("relax.nn.softmax")(scores)
         context = is_op("relax.matmul")(probs, v4)
         reshaped = is_op("relax.reshape")(context, wildcard())
         root = is_op("relax.permute_dims")(context | reshaped)
 
-        def build(matches, q=q, k=k, v=v, c=c, c_k=c_k, mask=mask, q4=q4, k4=k4, kt=kt, v4=v4, core=core,
-                  scores=scores, probs=probs, context=context, reshaped=reshaped, root=root, scale=scale,
-                  masked=masked, k_steps=k_steps):
+        def build(matches, q=q, k=k, v=v, c=c, c_k=c_k, mask=mask, cond=cond, fill=fill, q4=q4, k4=k4,
+                  kt=kt, v4=v4, core=core, gated=gated, scores=scores, probs=probs, context=context,
+                  reshaped=reshaped, root=root, scale=scale, masked=masked, k_steps=k_steps):
             head_major = [0, 2, 1, 3]
             k_perms = ((k4, [0, 2, 3, 1]),) if k_steps == 1 else ((k4, head_major), (kt, [0, 1, 3, 2]))
             for node, axes in ((q4, head_major), *k_perms, (v4, head_major), (root, head_major)):
@@ -853,7 +937,8 @@ def attention_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.attentio
             (b, s, h, d), sk = qs, ks[1]
             if ks != (b, sk, h, d) or vs[:3] != (b, sk, h) or out != (b, s, h, vs[3]) or d == 0:
                 return None
-            if int(matches[probs].attrs.axis) % 4 != 3 or _f32(matches[scores]) != ss:
+            if int(matches[probs].attrs.axis) % 4 != 3 or _f32(matches[scores]) != ss \
+                    or _f32(matches[gated]) != ss:
                 return None
             if reshaped in matches and _f32(matches[reshaped]) != _f32(matches[context]):
                 return None  # only a reshape to the context's own shape is a no-op
@@ -867,17 +952,25 @@ def attention_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.attentio
                     return None
                 factor *= other
             res = _empty()
-            if masked:
+            if masked in ("add", "where_add"):
                 ms = _f32(matches[mask], range(1, 5))
                 if ms is None or not _scores_broadcast(ms, ss):
                     return None
                 res = matches[mask]
+            if masked in ("where", "where_add"):
+                gate = _where_mask(matches, cond, fill, ss)
+                if gate is None:
+                    return None
+                # (s + 0) + m = s + m for a kept score; a masked one is fill + m either way
+                res = gate if masked == "where" else relax.op.add(gate, res)
             return [matches[q], matches[k], matches[v], res] + _floats(factor)
 
         op = {"divide": "relax.divide", "multiply": "relax.multiply", "operands": "relax.multiply"}
         ops = (["relax.permute_dims", "relax.matmul", "relax.nn.softmax"] + ([op[scale]] if scale else [])
-               + (["relax.add"] if masked else []))
-        result.append(KernelPattern(f"{prefix}.attention{'_scaled' if scale else ''}{'_masked' if masked else ''}",
+               + (["relax.add"] if masked in ("add", "where_add") else [])
+               + (["relax.where"] if masked in ("where", "where_add") else []))
+        name = {"add": "_masked", "where": "_where", "where_add": "_where_masked", None: ""}[masked]
+        result.append(KernelPattern(f"{prefix}.attention{'_scaled' if scale else ''}{name}",
                                     root, (), kernel, build=build, requires=frozenset(ops)))
     return result
 
@@ -1013,7 +1106,7 @@ class CPUBackend(TVMBackend):
                     "the portable C path, which is slower than fp32 here; the build is correct and "
                     "runs fast on a CPU with AVX512-VNNI")
         layout = _choice(options, "layout", LAYOUTS)
-        mod = drop_identity_ops(mod)
+        mod = canonical_activations(drop_identity_ops(mod))
         return to_channels_last(mod) if layout == "nhwc" else mod
 
     def after_offload(self, mod, options: CompileOptions):
