@@ -92,6 +92,28 @@ def test_tanh_gelu_with_other_constants_is_not_taken_for_gelu():
     assert "cpu.dense_bias_gelu_tanh" not in model.manifest["offloaded"]
 
 
+def gated_mlp_model(gate_input="g"):
+    """Llama's MLP as torch exports it: down(silu(x W_gate) * (x W_up)), SiLU written out as
+    g * Sigmoid(g). gate_input "u" makes it u * sigmoid(g), which is not SiLU."""
+    rng = np.random.default_rng(12)
+    e, n = 16, 40
+    nodes = [helper.make_node("MatMul", ["x", "Wg"], ["g"]), helper.make_node("MatMul", ["x", "Wu"], ["u"]),
+             helper.make_node("Sigmoid", ["g"], ["sg"]), helper.make_node("Mul", [gate_input, "sg"], ["a"]),
+             helper.make_node("Mul", ["a", "u"], ["h"]), helper.make_node("MatMul", ["h", "Wd"], ["y"])]
+    inits = [const("Wg", rng.standard_normal((e, n)) / 4), const("Wu", rng.standard_normal((e, n)) / 4),
+             const("Wd", rng.standard_normal((n, e)) / 6)]
+    return make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 7, e])],
+                      [helper.make_tensor_value_info("y", F, [1, 7, e])], inits)
+
+
+def test_llama_gated_mlp_silu_is_the_gate_projections_epilogue():
+    """x * sigmoid(x) becomes silu, the gate projection's epilogue (TVM computed the written-out
+    form with a scalar exp: about 0.5 ms per 128 x 2048 layer); in u * sigmoid(g), not SiLU, the
+    sigmoid alone is the epilogue and TVM multiplies."""
+    check(gated_mlp_model(), {"cpu.dense_silu": 1, "cpu.dense": 2})
+    check(gated_mlp_model(gate_input="u"), {"cpu.dense_sigmoid": 1, "cpu.dense": 2})
+
+
 def test_gelu_with_other_constants_is_not_taken_for_gelu():
     rng = np.random.default_rng(3)
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
