@@ -114,6 +114,28 @@ def test_llama_gated_mlp_silu_is_the_gate_projections_epilogue():
     check(gated_mlp_model(gate_input="u"), {"cpu.dense_sigmoid": 1, "cpu.dense": 2})
 
 
+@pytest.mark.parametrize("form", ["erf", "tanh"])
+def test_gelu_whose_constant_broadcasts_up_is_not_an_epilogue(form):
+    """GELU written out after a MatMul, but with its 0.5 a [1, 1, 1] constant: the product is
+    [1, 4, 24], not the matmul's [4, 24], so it is neither gelu(x) nor the dense epilogue (this
+    once compiled into a call whose output had the wrong shape)."""
+    rng = np.random.default_rng(13)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Mul", ["h", "half"], ["hh"])]
+    if form == "erf":
+        nodes += [helper.make_node("Div", ["h", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["t"])]
+    else:
+        nodes += [helper.make_node("Pow", ["h", "three"], ["h3"]), helper.make_node("Mul", ["h3", "a"], ["ah3"]),
+                  helper.make_node("Add", ["h", "ah3"], ["i"]), helper.make_node("Mul", ["i", "c"], ["u"]),
+                  helper.make_node("Tanh", ["u"], ["t"])]
+    nodes += [helper.make_node("Add", ["t", "one"], ["t1"]), helper.make_node("Mul", ["hh", "t1"], ["y"])]
+    inits = [const("W", rng.standard_normal((16, 24))), const("half", np.full((1, 1, 1), 0.5)),
+             const("sqrt2", math.sqrt(2)), const("one", 1.0), const("three", 3.0), const("a", 0.044715),
+             const("c", math.sqrt(2 / math.pi))]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [4, 16])],
+                       [helper.make_tensor_value_info("y", F, [1, 4, 24])], inits)
+    check(proto, {"cpu.dense": 1})
+
+
 def test_gelu_with_other_constants_is_not_taken_for_gelu():
     rng = np.random.default_rng(3)
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),

@@ -314,8 +314,12 @@ def test_dense_calls_are_measured_and_keyed_as_the_model_splits_them(cache, monk
     entry.update(use="tuned", config=ktune.pack_config(threads=1), tuned_s=entry["default_s"] / 2)
     with open(os.path.join(db, "decisions.json"), "w") as f:
         json.dump(decisions, f)
-    applied = accelkit.compile(model).manifest["tuning"]["applied"]["kernels"]
+    compiled = accelkit.compile(model)
+    applied = compiled.manifest["tuning"]["applied"]["kernels"]
     assert any(line.startswith(entry["name"] + ": threads=1") for line in applied), applied
+    # and the runner tells the kernels the size tuning measured with (not the library's)
+    assert compiled.manifest["weights_bytes"] == ktune.model_bytes(mod)
+    assert compiled._runner._model_bytes == ktune.model_bytes(mod)
 
 
 def test_a_candidate_that_computes_something_else_is_refused():

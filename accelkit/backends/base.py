@@ -54,6 +54,27 @@ def tensor_type(expr) -> tuple[str | None, tuple[int, ...] | None]:
     return getattr(ty, "dtype", None), dims
 
 
+def constant_bytes(mod) -> int:
+    """The bytes of a module's constants (its weights). The runner tells the kernels this size
+    (ak_set_model_bytes: a model that stays in the last-level cache gets another dense work
+    split), and kernel tuning measures with it and keys by it: one number for both."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    total = [0]
+
+    def visit(expr):
+        data = expr.value if isinstance(expr, tvm.ir.expr.Constant) else None
+        if isinstance(data, tvm.runtime.Tensor):  # (a scalar constant holds a Python number)
+            total[0] += int(np.prod(data.shape, dtype=np.int64)) * np.dtype(str(data.dtype)).itemsize
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return total[0]
+
+
 @dataclasses.dataclass(frozen=True)
 class CompileOptions:
     """What the user asked of one compilation (validated before a backend sees it)."""
@@ -243,6 +264,7 @@ class TVMBackend(Backend):
         from accelkit.errors import CompileError
 
         target, mod, offloaded, extra = self._offloaded(graph, options)
+        weights = constant_bytes(mod)
         passes = self.passes(target)
         applied: dict[str, Any] = {}
         if options.tuning is not None:
@@ -262,7 +284,8 @@ class TVMBackend(Backend):
             ) from exc
         kernels = sorted({p.kernel for p in self.patterns_for(options) if p.name in offloaded})
         entries = {"target": str(target), "target_config": _target_config(target),
-                   "offloaded": offloaded, "kernels": kernels, "library": self.library_name, **extra}
+                   "offloaded": offloaded, "kernels": kernels, "library": self.library_name,
+                   "weights_bytes": weights, **extra}
         if options.tuning is not None:
             entries["tuning"] = {"database": options.tuning.digest, "applied": applied}
         return entries
@@ -292,9 +315,11 @@ class TVMBackend(Backend):
         self._check_kernels(manifest)
         path = os.path.join(directory, manifest["library"])
         lib = tvm.runtime.load_module(path)
-        # the library holds the weights: its size tells the kernels whether they stay cached
+        # the weights' size tells the kernels whether they stay cached (an artifact from before
+        # the manifest had it: the library's size, which holds them)
+        size = manifest.get("weights_bytes")
         return _VMRunner(relax.VirtualMachine(lib, self.device()), self.device(),
-                         model_bytes=os.path.getsize(path))
+                         model_bytes=size if isinstance(size, int) and size > 0 else os.path.getsize(path))
 
 
 def _schedule_index(passes) -> int | None:

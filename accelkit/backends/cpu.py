@@ -335,7 +335,7 @@ def _fused_patterns(prefix: str, name: str, kernel: str, core_op: str, channel_a
 
         def build(matches, x=x, w=w, b=b, r=r, core=core, bias=bias, res=res, act=act, root=root):
             out = _f32(matches[core])
-            if out is None:
+            if out is None or _f32(matches[root]) != out:  # an epilogue constant may broadcast it up
                 return None
             axis = channel_axis % len(out)
             bias_vec = _bias_vector(matches[b], out[axis], axis, len(out)) if bias else None
@@ -708,8 +708,8 @@ def canonical_activations(mod):
 
     def to_gelu(expr, matches):
         values = [_scalar(matches[c]) for c in (c3, ca, cb, c1, ch)]
-        if _f32(matches[x]) is None or None in values:
-            return expr
+        if _f32(matches[x]) is None or _f32(expr) != _f32(matches[x]) or None in values:
+            return expr  # (a constant of higher rank broadcasts x up: not an activation of x)
         three, a, b, one, half = values
         if not (three == 3.0 and math.isclose(a, 0.044715, rel_tol=1e-5) and one == 1.0 and half == 0.5
                 and math.isclose(b, math.sqrt(2 / math.pi), rel_tol=1e-5)):
@@ -726,7 +726,8 @@ def canonical_activations(mod):
     erf_gelu = erf_act.wrap(z)
 
     def to_erf_gelu(expr, matches):
-        if _f32(matches[z]) is None or getattr(expr.op, "name", "") == "relax.nn.gelu":
+        if (_f32(matches[z]) is None or _f32(expr) != _f32(matches[z])
+                or getattr(expr.op, "name", "") == "relax.nn.gelu"):
             return expr
         return relax.op.nn.gelu(matches[z]) if erf_act.params(matches, expr) is not None else expr
 

@@ -140,22 +140,11 @@ def kernel_calls(mod) -> list[tuple[Any, Any]]:
 
 
 def model_bytes(mod) -> int:
-    """The bytes of the module's constants (its weights): what the runner tells the kernels as the
-    model's size (ak_set_model_bytes; the runner counts the library, code included)."""
-    import tvm
-    from tvm import relax
+    """The model's size as the runner tells it to the kernels: its constants' bytes (the
+    manifest's weights_bytes, computed from the same module)."""
+    from accelkit.backends.base import constant_bytes
 
-    total = [0]
-
-    def visit(expr):
-        data = expr.value if isinstance(expr, tvm.ir.expr.Constant) else None
-        if isinstance(data, tvm.runtime.Tensor):  # (a scalar constant holds a Python number)
-            total[0] += int(np.prod(data.shape, dtype=np.int64)) * np.dtype(str(data.dtype)).itemsize
-
-    for _, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func, visit)
-    return total[0]
+    return constant_bytes(mod)
 
 
 def weights_cached(mod) -> bool:
