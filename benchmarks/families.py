@@ -1,9 +1,10 @@
-"""Export small random-init models of the common transformer families (2 layers, seq 128; the
-Whisper encoder on 3000 frames) with torch + transformers, compile them with accelkit (cpu, fp32,
+"""Export small random-init models of the common transformer families (2 layers, seq 128; CLIP's
+text encoder 77 tokens, the Whisper encoder 3000 frames) with torch + transformers, compile them with accelkit (cpu, fp32,
 untuned) and compare with onnxruntime (2 intra-op threads) in the same run: relative L2 error,
 what was offloaded to accelkit's kernels, and the latency ratio from alternating blocks.
 
-    python benchmarks/families.py [gpt2 gpt2-where llama phi t5 distilbert whisper-encoder] [--json r.json]
+    python benchmarks/families.py [gpt2 gpt2-where llama phi t5 distilbert clip-text whisper-encoder]
+                                  [--json r.json]
 
 Each family is exported as transformers 5 writes it (`gpt2-where`: GPT-2 with transformers 4's
 eager attention, the causal mask applied by torch.where). Needs the `bench` extra."""
@@ -17,7 +18,7 @@ import time
 
 import numpy as np
 
-FAMILIES = ("gpt2", "gpt2-where", "llama", "phi", "t5", "distilbert", "whisper-encoder")
+FAMILIES = ("gpt2", "gpt2-where", "llama", "phi", "t5", "distilbert", "clip-text", "whisper-encoder")
 SEQ = 128
 
 
@@ -63,6 +64,8 @@ def build(name: str, out_dir: str) -> str:
         model = tf.T5EncoderModel(tf.T5Config(d_model=512, d_ff=2048, num_layers=2, num_heads=8))
     elif name == "distilbert":
         model = tf.DistilBertModel(tf.DistilBertConfig(n_layers=2))
+    elif name == "clip-text":
+        model = tf.CLIPTextModel(tf.CLIPTextConfig(num_hidden_layers=2))
     elif name == "whisper-encoder":
         model = tf.WhisperModel(tf.WhisperConfig(encoder_layers=2, d_model=384, encoder_attention_heads=6,
                                                  encoder_ffn_dim=1536)).encoder
@@ -80,7 +83,7 @@ def build(name: str, out_dir: str) -> str:
 
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(1, 80, 3000, generator=g) if name == "whisper-encoder"
-         else torch.randint(0, 1000, (1, SEQ), generator=g))
+         else torch.randint(0, 1000, (1, 77 if name == "clip-text" else SEQ), generator=g))
     tmp = path + ".tmp"
     with torch.no_grad():
         torch.onnx.export(LastHidden(), (x,), tmp, opset_version=17, dynamo=False,

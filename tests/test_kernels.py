@@ -21,6 +21,7 @@ ACTS = {
     "gelu_tanh": lambda v: 0.5 * v * (1 + np.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v**3))),
     "silu": lambda v: v / (1 + np.exp(-v)),
     "sigmoid": lambda v: 1 / (1 + np.exp(-v)),
+    "quick_gelu": lambda v: v / (1 + np.exp(-1.702 * v)),
 }
 
 

@@ -136,6 +136,23 @@ def test_gelu_whose_constant_broadcasts_up_is_not_an_epilogue(form):
     check(proto, {"cpu.dense": 1})
 
 
+@pytest.mark.parametrize("factor, fused", [(1.702, {"cpu.dense_bias_quick_gelu": 1, "cpu.dense_bias": 1}),
+                                           (1.5, {"cpu.dense_bias": 2})])
+def test_clip_quick_gelu_is_the_dense_epilogue(factor, fused):
+    """CLIP's quick_gelu as torch exports it, x * sigmoid(1.702 x), is the first dense call's
+    epilogue (TVM computed it with a scalar exp: 16% of a CLIP text encoder); another factor is
+    not quick_gelu and stays with TVM."""
+    rng = np.random.default_rng(14)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["m"]), helper.make_node("Add", ["m", "b1"], ["h"]),
+             helper.make_node("Mul", ["h", "k"], ["hk"]), helper.make_node("Sigmoid", ["hk"], ["s"]),
+             helper.make_node("Mul", ["h", "s"], ["g"]), helper.make_node("MatMul", ["g", "W2"], ["m2"]),
+             helper.make_node("Add", ["m2", "b2"], ["y"])]
+    inits = [const("W1", rng.standard_normal((16, 40)) / 4), const("b1", rng.standard_normal(40)),
+             const("k", factor), const("W2", rng.standard_normal((40, 16)) / 6), const("b2", rng.standard_normal(16))]
+    check(make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 7, 16])],
+                     [helper.make_tensor_value_info("y", F, [1, 7, 16])], inits), fused)
+
+
 def test_gelu_with_other_constants_is_not_taken_for_gelu():
     rng = np.random.default_rng(3)
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),

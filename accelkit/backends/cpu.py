@@ -33,7 +33,8 @@ from accelkit.backends.base import (
 
 NR = 32  # columns per packed weight panel (AK_NR in kernels/include/ak_kernels.h)
 
-ACT_CODES = {None: 0, "relu": 1, "clip": 2, "gelu": 3, "gelu_tanh": 4, "silu": 5, "sigmoid": 6}
+ACT_CODES = {None: 0, "relu": 1, "clip": 2, "gelu": 3, "gelu_tanh": 4, "silu": 5, "sigmoid": 6,
+             "quick_gelu": 7}
 
 
 def pack_weight(w: np.ndarray) -> np.ndarray:
@@ -213,7 +214,8 @@ class _Act:
         self.name = name
         self.consts: list = []
         # ops every match of this activation contains (gelu has two forms: none required)
-        self.ops: tuple[str, ...] = (self._OPS[name],) if name in self._OPS else ()
+        self.ops: tuple[str, ...] = ((self._OPS[name],) if name in self._OPS
+                                     else ("relax.sigmoid",) if name == "quick_gelu" else ())
 
     def wrap(self, inner):
         from tvm.relax.dpl import is_const, is_op, wildcard
@@ -227,6 +229,10 @@ class _Act:
             return self.node
         if self.name == "gelu_tanh":
             return is_op("relax.nn.gelu_tanh")(inner)
+        if self.name == "quick_gelu":  # x * sigmoid(1.702 x), as CLIP's exports write it
+            self.consts = [is_const()]
+            return _commutative("relax.multiply", inner,
+                                is_op("relax.sigmoid")(_commutative("relax.multiply", inner, self.consts[0])))
         # gelu, erf form: relax.nn.gelu, or x * 0.5 * (1 + erf(x / sqrt(2))) as exported by torch
         c_div, c_one, c_half = is_const(), is_const(), is_const()
         self.consts = [c_div, c_one, c_half]
@@ -241,6 +247,10 @@ class _Act:
         if self.name == "clip":
             lo, hi = (float(getattr(v.value, "value", v.value)) for v in matches[self.node].args[1:3])
             return ACT_CODES["clip"], lo, hi
+        if self.name == "quick_gelu":
+            factor = _scalar(matches[self.consts[0]])
+            if factor is None or not math.isclose(factor, 1.702, rel_tol=1e-6):
+                return None
         if self.name == "gelu" and self.consts and self.consts[0] in matches:
             div, one, half = (_scalar(matches[c]) for c in self.consts)
             if None in (div, one, half) or not (math.isclose(div, math.sqrt(2), rel_tol=1e-5)
@@ -290,7 +300,7 @@ def _floats(*values: float):
 # ---- fused patterns: core op [+ bias] [+ residual] [+ act] [+ residual] -----------------------
 
 def _epilogue_variants():
-    acts = ("relu", "clip", "gelu", "gelu_tanh", "silu", "sigmoid", None)
+    acts = ("relu", "clip", "gelu", "gelu_tanh", "quick_gelu", "silu", "sigmoid", None)
     # most specific first: rewrite_call applies the patterns in order
     for res, bias, act in itertools.product(("pre", "post", None), (True, False), acts):
         if res == "post" and act is None:

@@ -23,7 +23,8 @@ typedef enum {
   AK_ACT_GELU_TANH = 4,
   AK_ACT_SILU = 5,
   AK_ACT_SIGMOID = 6,
-  AK_ACT_COUNT_ = 7
+  AK_ACT_QUICK_GELU = 7, /* x * sigmoid(1.702 x): CLIP's */
+  AK_ACT_COUNT_ = 8
 } ak_activation;
 
 typedef enum { AK_BIAS_NONE = 0, AK_BIAS_COL = 1, AK_BIAS_ROW = 2 } ak_bias_mode;

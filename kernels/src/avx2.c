@@ -96,6 +96,7 @@ AK_INLINE __m256 v_act(__m256 v, const ak_epilogue* e) {
     }
     case AK_ACT_SILU: return _mm256_mul_ps(v, v_sigmoid(v));
     case AK_ACT_SIGMOID: return v_sigmoid(v);
+    case AK_ACT_QUICK_GELU: return _mm256_mul_ps(v, v_sigmoid(_mm256_mul_ps(v, _mm256_set1_ps(1.702f))));
     default: return v;
   }
 }

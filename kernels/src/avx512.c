@@ -77,6 +77,7 @@ AK_INLINE __m512 v_act(__m512 v, const ak_epilogue* e) {
     }
     case AK_ACT_SILU: return _mm512_mul_ps(v, v_sigmoid(v));
     case AK_ACT_SIGMOID: return v_sigmoid(v);
+    case AK_ACT_QUICK_GELU: return _mm512_mul_ps(v, v_sigmoid(_mm512_mul_ps(v, _mm512_set1_ps(1.702f))));
     default: return v;
   }
 }

@@ -13,6 +13,7 @@ static inline float act1(float v, const ak_epilogue* e) {
       return 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
     case AK_ACT_SILU: return v / (1.f + expf(-v));
     case AK_ACT_SIGMOID: return 1.f / (1.f + expf(-v));
+    case AK_ACT_QUICK_GELU: return v / (1.f + expf(-1.702f * v));
     default: return v;
   }
 }
