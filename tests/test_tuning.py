@@ -322,6 +322,47 @@ def test_dense_calls_are_measured_and_keyed_as_the_model_splits_them(cache, monk
     assert compiled._runner._model_bytes == ktune.model_bytes(mod)
 
 
+def test_kernel_configs_are_measured_and_applied_per_instruction_set(cache, monkeypatch):
+    """A kernel config's speed depends on the instruction set the kernels dispatch to
+    (ACCELKIT_KERNEL_ISA caps it): what was tuned on AVX-512 is neither applied to nor resumed
+    by an AVX2 run, and the two builds are cached apart."""
+    from accelkit import kernels
+    from accelkit.backends import get_backend
+    from accelkit.tuning import kernels as ktune
+    from accelkit.tuning.database import TuningDB
+
+    module = kernels.load()
+    if module.isa() != "avx512":
+        pytest.skip(f"the CPU's best path is {module.isa()}: no second instruction set to compare")
+    model = attention_model()
+    tuning.tune(model, options=tuning.TuneOptions(budget=30, tir=False, progress=False))
+    db = _db_dir(cache)
+    decisions = json.load(open(os.path.join(db, "decisions.json")))
+    key = next(k for k in decisions["kernels"] if k.startswith("accelkit.cpu.dense"))
+    entry = decisions["kernels"][key]
+    entry.update(use="tuned", config=ktune.pack_config(threads=1), tuned_s=entry["default_s"] / 2)
+    with open(os.path.join(db, "decisions.json"), "w") as f:
+        json.dump(decisions, f)
+    native = accelkit.compile(model)
+    assert native.manifest["tuning"]["applied"]["kernels"], native.manifest["tuning"]
+    backend = get_backend("cpu")
+    assert TuningDB(native.manifest["target"]).kernel_trials(backend.kernels_digest())
+
+    monkeypatch.setenv("ACCELKIT_KERNEL_ISA", "avx2")
+    module.register()
+    try:
+        assert module.isa() == "avx2"
+        capped = accelkit.compile(model)
+        assert capped.manifest["backend_fingerprint"] != native.manifest["backend_fingerprint"]
+        assert not capped.manifest.get("tuning", {}).get("applied", {}).get("kernels"), capped.manifest["tuning"]
+        # a tune run here starts the kernel search over instead of resuming AVX-512's trials
+        assert not TuningDB(capped.manifest["target"]).kernel_trials(backend.kernels_digest())
+        np.testing.assert_allclose(capped.run(_feeds())[0], native.run(_feeds())[0], rtol=1e-4, atol=1e-4)
+    finally:
+        monkeypatch.delenv("ACCELKIT_KERNEL_ISA")
+        module.register()
+
+
 def test_a_candidate_that_computes_something_else_is_refused():
     import tvm
     from tvm import te

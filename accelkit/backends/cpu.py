@@ -1209,11 +1209,16 @@ class CPUBackend(TVMBackend):
         kernels.load()
 
     def kernels_digest(self) -> str:
-        return kernels_digest()
+        """The kernel library and the instruction set its dispatch uses in this process
+        (ACCELKIT_KERNEL_ISA caps it): a kernel config's speed depends on both, so tuning measures
+        and applies per both, and the compile cache keys on both (tuned builds differ)."""
+        from accelkit import kernels
+
+        return f"{kernels_digest()}+{kernels.load().isa()}"
 
     def fingerprint(self) -> str:
         from accelkit import __version__
 
-        return f"{super().fingerprint()};kernels={__version__}+{kernels_digest()}"
+        return f"{super().fingerprint()};kernels={__version__}+{self.kernels_digest()}"
 
 
