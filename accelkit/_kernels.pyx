@@ -24,7 +24,7 @@ cdef extern int ak_register_all() nogil
 
 KERNELS = ("accelkit.cpu.dense", "accelkit.cpu.dense_i8", "accelkit.cpu.dense_w16", "accelkit.cpu.bmm", "accelkit.cpu.conv2d",
            "accelkit.cpu.conv2d_nhwc", "accelkit.cpu.conv2d_nhwc_i8", "accelkit.cpu.layer_norm",
-           "accelkit.cpu.softmax")
+           "accelkit.cpu.rms_norm", "accelkit.cpu.softmax")
 
 
 def register():

@@ -553,6 +553,13 @@ def test_layer_norm_and_softmax(k, isa):
     k("softmax")(t(x), out)
     e = np.exp(xd - xd.max(-1, keepdims=True))
     close(out.numpy(), e / e.sum(-1, keepdims=True))
+    for d in (3, 16, 70, 768):  # a tail only, one vector, vectors and a tail, Llama's width
+        xr = (rng.standard_normal((4, d)) * 3 + 1).astype(np.float32)
+        gr = rng.standard_normal(d).astype(np.float32)
+        out_r = t(np.zeros_like(xr))
+        k("rms_norm")(t(xr), t(gr), 1e-6, out_r)
+        xd_r = xr.astype(np.float64)
+        close(out_r.numpy(), xd_r / np.sqrt((xd_r ** 2).mean(-1, keepdims=True) + 1e-6) * gr)
     wide = rng.standard_normal((2, 18710)).astype(np.float32) * 10  # a long classifier axis
     out = t(np.zeros_like(wide))
     k("softmax")(t(wide), out)
@@ -622,6 +629,12 @@ def test_kernels_refuse_bad_arguments_with_clear_errors(k):
                         t(np.zeros((2, 7), np.float32)))
     with pytest.raises(Exception, match="out must have the shape of x"):
         k("softmax")(t(np.ones((2, 7), np.float32)), t(np.zeros((2, 8), np.float32)))
+    with pytest.raises(Exception, match="gamma must have D=7 elements, got 6"):
+        k("rms_norm")(t(np.ones((2, 7), np.float32)), t(np.ones(6, np.float32)), 1e-6,
+                      t(np.zeros((2, 7), np.float32)))
+    with pytest.raises(Exception, match="out must have the shape of x"):
+        k("rms_norm")(t(np.ones((2, 7), np.float32)), t(np.ones(7, np.float32)), 1e-6,
+                      t(np.zeros((2, 8), np.float32)))
 
 
 # ---- tuning configs (ak_tuning): same result under every config, bad configs refused -----------
@@ -712,6 +725,8 @@ def test_row_kernels_and_depthwise_under_thread_configs(k, isa, threads):
     g = rng.standard_normal(300).astype(np.float32)
     k("layer_norm")(t(x), t(g), none(), 1e-5, threads, out)
     close(out.numpy(), (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * g)
+    k("rms_norm")(t(x), t(g), 1e-5, threads, out)
+    close(out.numpy(), x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5) * g)
     xi = rng.standard_normal((1, 12, 10, 13)).astype(np.float32)
     w = rng.standard_normal((12, 1, 3, 3)).astype(np.float32)
     b = rng.standard_normal(12).astype(np.float32)

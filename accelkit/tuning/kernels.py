@@ -15,7 +15,8 @@ import numpy as np
 
 # kernel -> argument count without the optional config (the config goes just before `out`)
 KERNELS = {"accelkit.cpu.dense": 10, "accelkit.cpu.bmm": 5, "accelkit.cpu.conv2d": 16,
-           "accelkit.cpu.conv2d_nhwc": 16, "accelkit.cpu.layer_norm": 4, "accelkit.cpu.softmax": 1,
+           "accelkit.cpu.conv2d_nhwc": 16, "accelkit.cpu.layer_norm": 4, "accelkit.cpu.rms_norm": 3,
+           "accelkit.cpu.softmax": 1,
            "accelkit.cpu.attention": 5}
 GEMM_KERNELS = ("accelkit.cpu.dense", "accelkit.cpu.bmm", "accelkit.cpu.conv2d", "accelkit.cpu.conv2d_nhwc")
 MARGIN = 0.03  # a config must be this much faster than untuned to be kept (noise on 2 cores)

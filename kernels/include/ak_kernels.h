@@ -158,6 +158,9 @@ void ak_depthwise_f32(const float* x, const float* w, const float* bias, const f
 /* out[r] = (x[r] - mean) / sqrt(var + eps) * gamma + beta over rows of length D. */
 void ak_layer_norm_f32(const float* x, const float* gamma, const float* beta, float* out,
                        int64_t rows, int64_t D, float eps, int threads);
+/* RMSNorm over the last axis: out = x / sqrt(mean(x^2) + eps) * gamma (gamma may be NULL). */
+void ak_rms_norm_f32(const float* x, const float* gamma, float* out, int64_t rows, int64_t D,
+                     float eps, int threads);
 
 /* out[r] = softmax(x[r]) over rows of length D. */
 void ak_softmax_f32(const float* x, float* out, int64_t rows, int64_t D, int threads);
@@ -361,6 +364,8 @@ typedef struct {
    * may be x), the same values as softmax_row, several rows interleaved so that one row's
    * reductions and exp chains overlap the others' */
   void (*softmax_rows)(const float* x, float* out, int64_t ld, int64_t rows, int64_t D);
+  /* out = x / sqrt(mean(x^2) + eps) * gamma (gamma may be NULL; beta unused): RMSNorm */
+  ak_rows_fn rms_norm_row;
 } ak_isa_table;
 void ak_pack_t_portable(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst);
 /* The transposing packer of the ISA in use (pack_t, or the portable one for lds >= 2^25). */

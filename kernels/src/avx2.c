@@ -345,6 +345,29 @@ static void layer_norm_row_avx2(const float* x, const float* gamma, const float*
   }
 }
 
+static void rms_norm_row_avx2(const float* x, const float* gamma, const float* beta, float* out,
+                              int64_t D, float eps) {
+  (void)beta;
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();  /* two chains: FMA latency */
+  int64_t j = 0;
+  for (; j + 16 <= D; j += 16) {
+    const __m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + 8);
+    s0 = _mm256_fmadd_ps(a, a, s0);
+    s1 = _mm256_fmadd_ps(b, b, s1);
+  }
+  for (; j < D; j += 8) {
+    const __m256 a = load8(x + j, tail8(D - j));
+    s0 = _mm256_fmadd_ps(a, a, s0);
+  }
+  const __m256 inv = _mm256_set1_ps(1.f / sqrtf(hsum8(_mm256_add_ps(s0, s1)) / (float)D + eps));
+  for (j = 0; j < D; j += 8) {
+    const ak_m8 m = tail8(D - j);
+    __m256 v = _mm256_mul_ps(load8(x + j, m), inv);
+    if (gamma) v = _mm256_mul_ps(v, load8(gamma + j, m));
+    store8(out + j, m, v);
+  }
+}
+
 static void softmax_row_avx2(const float* x, const float* gamma, const float* beta, float* out,
                              int64_t D, float eps) {
   (void)gamma; (void)beta; (void)eps;
@@ -672,4 +695,5 @@ static void pack_t_avx2(const float* src, int64_t lds, int64_t rows, int64_t col
 
 const ak_isa_table ak_avx2_table = {ukr_avx2, ak_im2col_portable, NULL, row_epi_avx2,
                                     layer_norm_row_avx2, softmax_row_avx2, dw_nhwc_row_avx2,
-                                    wino_in_avx2, wino_out_avx2, 24, 0, pack_t_avx2};
+                                    wino_in_avx2, wino_out_avx2, 24, 0, pack_t_avx2, NULL,
+                                    rms_norm_row_avx2};

@@ -213,6 +213,29 @@ static void layer_norm_row_avx512(const float* x, const float* gamma, const floa
   }
 }
 
+static void rms_norm_row_avx512(const float* x, const float* gamma, const float* beta,
+                                float* out, int64_t D, float eps) {
+  (void)beta;
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();  /* two chains: FMA latency */
+  int64_t j = 0;
+  for (; j + 32 <= D; j += 32) {
+    const __m512 a = _mm512_loadu_ps(x + j), b = _mm512_loadu_ps(x + j + 16);
+    s0 = _mm512_fmadd_ps(a, a, s0);
+    s1 = _mm512_fmadd_ps(b, b, s1);
+  }
+  for (; j < D; j += 16) {
+    const __m512 a = _mm512_maskz_loadu_ps(tail_mask(D - j), x + j);
+    s0 = _mm512_fmadd_ps(a, a, s0);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / sqrtf(_mm512_reduce_add_ps(_mm512_add_ps(s0, s1)) / (float)D + eps));
+  for (j = 0; j < D; j += 16) {
+    const __mmask16 m = tail_mask(D - j);
+    __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + j), inv);
+    if (gamma) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, gamma + j));
+    _mm512_mask_storeu_ps(out + j, m, v);
+  }
+}
+
 static void softmax_row_avx512(const float* x, const float* gamma, const float* beta, float* out,
                                int64_t D, float eps) {
   (void)gamma; (void)beta; (void)eps;
@@ -636,7 +659,7 @@ static void pack_t_avx512(const float* src, int64_t lds, int64_t rows, int64_t c
 const ak_isa_table ak_avx512_table = {ukr_avx512, im2col_avx512, dw_plane_avx512, row_epi_avx512, layer_norm_row_avx512,
                                       softmax_row_avx512, dw_nhwc_row_avx512,
                                       wino_in_avx512, wino_out_avx512, AK_MR, 1, pack_t_avx512,
-                                      softmax_rows_avx512};
+                                      softmax_rows_avx512, rms_norm_row_avx512};
 
 /* ---- int8: row quantization and the AVX512-VNNI micro-kernel ------------------------------ */
 

@@ -729,6 +729,29 @@ static int ak_layer_norm(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny
   return 0;
 }
 
+/* rms_norm(x[..., D], gamma[D], eps, out) over the last axis: x / sqrt(mean(x^2) + eps) * gamma. */
+static int ak_rms_norm(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
+  (void)self; (void)result;
+  ak_call c = {"accelkit.cpu.rms_norm", args, n};
+  AK_TRY(ak_nargs(&c, 4, "x, gamma, eps, out"));
+  DLTensor *x, *gamma, *out;
+  AK_NEED(x = ak_f32(&c, 0, "x", 1, 8));
+  AK_NEED(gamma = ak_f32(&c, 1, "gamma", 1, 1));
+  AK_NEED(out = ak_f32(&c, n - 1, "out", 1, 8));
+  float eps;
+  AK_TRY(ak_float(&c, 2, "eps", &eps));
+  ak_tuning tune;
+  AK_TRY(ak_config(&c, 4, &tune));
+  AK_TRY(ak_same_shape(&c, out, x, "out", "x"));
+  const int64_t D = x->shape[x->ndim - 1];
+  if (ak_numel(gamma) != D)
+    return ak_fail(&c, "ValueError", "gamma must have D=%lld elements, got %lld", (long long)D,
+                   (long long)ak_numel(gamma));
+  if (D == 0) return 0;
+  ak_rms_norm_f32(AK_DATA(x), AK_DATA(gamma), AK_DATA(out), ak_numel(x) / D, D, eps, tune.threads);
+  return 0;
+}
+
 /* softmax(x[..., D], out) over the last axis. */
 static int ak_softmax(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
   (void)self; (void)result;
@@ -830,6 +853,7 @@ AK_DENORMALS_OFF(ak_conv2d)
 AK_DENORMALS_OFF(ak_conv2d_nhwc)
 AK_DENORMALS_OFF(ak_conv2d_nhwc_i8)
 AK_DENORMALS_OFF(ak_layer_norm)
+AK_DENORMALS_OFF(ak_rms_norm)
 AK_DENORMALS_OFF(ak_softmax)
 AK_DENORMALS_OFF(ak_attention_call)
 AK_DENORMALS_OFF(ak_copy)
@@ -855,6 +879,7 @@ int ak_register_all(void) {
       {"accelkit.cpu.conv2d_nhwc", ak_conv2d_nhwc_entry},
       {"accelkit.cpu.conv2d_nhwc_i8", ak_conv2d_nhwc_i8_entry},
       {"accelkit.cpu.layer_norm", ak_layer_norm_entry},
+      {"accelkit.cpu.rms_norm", ak_rms_norm_entry},
       {"accelkit.cpu.softmax", ak_softmax_entry},
       {"accelkit.cpu.attention", ak_attention_call_entry},
       {"accelkit.cpu.copy", ak_copy_entry},

@@ -1208,6 +1208,12 @@ void ak_layer_norm_f32(const float* x, const float* gamma, const float* beta, fl
   run_rows(rows_range, &job, rows, threads);
 }
 
+void ak_rms_norm_f32(const float* x, const float* gamma, float* out, int64_t rows, int64_t D,
+                     float eps, int threads) {
+  ak_rows_job job = {x, gamma, NULL, out, D, eps, ak_table()->rms_norm_row};
+  run_rows(rows_range, &job, rows, threads);
+}
+
 void ak_softmax_f32(const float* x, float* out, int64_t rows, int64_t D, int threads) {
   ak_rows_job job = {x, NULL, NULL, out, D, 0.f, NULL};
   run_rows(softmax_range, &job, rows, threads);

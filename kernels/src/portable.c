@@ -74,6 +74,15 @@ static void layer_norm_row_portable(const float* x, const float* gamma, const fl
     out[j] = ((x[j] - (float)mean) * inv) * (gamma ? gamma[j] : 1.f) + (beta ? beta[j] : 0.f);
 }
 
+static void rms_norm_row_portable(const float* x, const float* gamma, const float* beta,
+                                  float* out, int64_t D, float eps) {
+  (void)beta;
+  double s2 = 0.;
+  for (int64_t j = 0; j < D; ++j) s2 += (double)x[j] * x[j];
+  const float inv = (float)(1.0 / sqrt(s2 / (double)D + eps));
+  for (int64_t j = 0; j < D; ++j) out[j] = (x[j] * inv) * (gamma ? gamma[j] : 1.f);
+}
+
 static void softmax_row_portable(const float* x, const float* gamma, const float* beta,
                                  float* out, int64_t D, float eps) {
   (void)gamma; (void)beta; (void)eps;
@@ -176,4 +185,5 @@ void ak_wino_out_portable(const float* mt, int64_t mstride, int64_t nc, float* o
 
 const ak_isa_table ak_portable_table = {ukr_portable, ak_im2col_portable, NULL, row_epi_portable, layer_norm_row_portable,
                                         softmax_row_portable, ak_dw_nhwc_row_portable,
-                                        ak_wino_in_portable, ak_wino_out_portable, AK_MR};
+                                        ak_wino_in_portable, ak_wino_out_portable, AK_MR, 0, NULL, NULL,
+                                        rms_norm_row_portable};
