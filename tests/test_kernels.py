@@ -130,15 +130,20 @@ def test_dense_every_activation(k, isa, shape, act):
     close(out.numpy(), ACTS[act](x.astype(np.float64) @ w + b))
 
 
-@pytest.mark.parametrize("mode", [1, 2])
-def test_dense_residual_before_and_after_activation(k, isa, mode):
+@pytest.mark.parametrize("kdim", [20, 1100])  # 1100: K-blocked, the epilogue on the last block
+@pytest.mark.parametrize("mode", [1, 2, 3])
+def test_dense_residual_before_and_after_activation_or_multiplied(k, isa, mode, kdim):
+    """res_mode 1: act(h + r), 2: act(h) + r, 3: act(h) * r (a gated MLP's two projections)."""
     rng = np.random.default_rng(1)
-    x, w = rng.standard_normal((9, 20)).astype(np.float32), rng.standard_normal((20, 37)).astype(np.float32)
+    x = rng.standard_normal((9, kdim)).astype(np.float32)
+    w = (rng.standard_normal((kdim, 37)) / math.sqrt(kdim)).astype(np.float32)
     r = rng.standard_normal((9, 37)).astype(np.float32)
     out = t(np.zeros((9, 37), np.float32))
     k("dense")(t(x), t(pack_weight(w)), none(), t(r), 37, ACT_CODES["relu"], mode, 0.0, 0.0, 1.0, out)
     h = x.astype(np.float64) @ w
-    close(out.numpy(), np.maximum(h + r, 0) if mode == 1 else np.maximum(h, 0) + r)
+    close(out.numpy(), {1: np.maximum(h + r, 0), 2: np.maximum(h, 0) + r, 3: np.maximum(h, 0) * r}[mode])
+    with pytest.raises(Exception, match="res_mode"):
+        k("dense")(t(x), t(pack_weight(w)), none(), t(r), 37, 0, 4, 0.0, 0.0, 1.0, out)
 
 
 @pytest.mark.parametrize("rows", [64, 67, 200])

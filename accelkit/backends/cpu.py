@@ -299,12 +299,14 @@ def _floats(*values: float):
 
 # ---- fused patterns: core op [+ bias] [+ residual] [+ act] [+ residual] -----------------------
 
-def _epilogue_variants():
+def _epilogue_variants(gated: bool = False):
+    """(bias, res, act) of the fused patterns; res "mul" (gated: act(...) * r, a gated MLP's
+    product of its two projections) only where the kernel takes it."""
     acts = ("relu", "clip", "gelu", "gelu_tanh", "quick_gelu", "silu", "sigmoid", None)
     # most specific first: rewrite_call applies the patterns in order
-    for res, bias, act in itertools.product(("pre", "post", None), (True, False), acts):
-        if res == "post" and act is None:
-            continue  # same as "pre" without an activation
+    for res, bias, act in itertools.product(("mul", "pre", "post", None), (True, False), acts):
+        if (res == "post" and act is None) or (res == "mul" and not gated):
+            continue  # "post" without an activation is "pre"
         yield bias, res, act
 
 
@@ -317,17 +319,19 @@ def _fused(core, bias_const, res_node, res: str | None, act: _Act):
     node = act.wrap(node)
     if res == "post":
         node = _commutative("relax.add", node, res_node)
+    if res == "mul":
+        node = _commutative("relax.multiply", node, res_node)
     return node
 
 
 def _name(prefix: str, kernel: str, bias: bool, res: str | None, act: str | None) -> str:
     parts = [kernel] + (["bias"] if bias else []) + ([f"add_{res}"] if res == "pre" and act else
-                                                     ["add"] if res else []) + ([act] if act else [])
-    return f"{prefix}.{'_'.join(parts)}"
+                                                     ["add"] if res in ("pre", "post") else [])
+    return f"{prefix}.{'_'.join(parts + ([act] if act else []) + (['mul'] if res == 'mul' else []))}"
 
 
 def _fused_patterns(prefix: str, name: str, kernel: str, core_op: str, channel_axis: int,
-                    core_args) -> list[KernelPattern]:
+                    core_args, gated: bool = False) -> list[KernelPattern]:
     """One KernelPattern per epilogue variant of core_op(x, const W). The kernel takes
     (x, weight, *weight constants, bias | [0], res | [0], *core ints, act, res_mode, lo, hi,
     scale). `core_args(x, w, core)` checks the matched core call and returns ([x, weight const,
@@ -337,7 +341,7 @@ def _fused_patterns(prefix: str, name: str, kernel: str, core_op: str, channel_a
     from tvm.relax.dpl import is_const, is_op, wildcard
 
     result = []
-    for bias, res, act_name in _epilogue_variants():
+    for bias, res, act_name in _epilogue_variants(gated):
         x, w, b, r = wildcard(), is_const(), is_const(), wildcard()
         act = _Act(act_name)
         core = is_op(core_op)(x, w)
@@ -353,6 +357,8 @@ def _fused_patterns(prefix: str, name: str, kernel: str, core_op: str, channel_a
                 return None
             if res and _f32(matches[r]) != out:
                 return None
+            if res and matches[r].same_as(matches[core]):
+                return None  # h * h: the kernel would compute h twice, once for its own input
             params = act.params(matches, matches[root]) if act.name else (0, 0.0, 0.0)
             head = core_args(matches[x], matches[w], matches[core]) if params is not None else None
             if head is None:
@@ -361,11 +367,12 @@ def _fused_patterns(prefix: str, name: str, kernel: str, core_op: str, channel_a
             code, lo, hi = params
             return ([*tensors, relax.const(bias_vec) if bias else _empty(),
                      matches[r] if res else _empty()]
-                    + _ints(*ints, code, {"pre": 1, "post": 2, None: 0}[res]) + _floats(lo, hi, 1.0))
+                    + _ints(*ints, code, {"pre": 1, "post": 2, "mul": 3, None: 0}[res]) + _floats(lo, hi, 1.0))
 
         result.append(KernelPattern(_name(prefix, name, bias, res, act_name), root, (), kernel,
-                                    build=build, requires=frozenset([core_op, *act.ops]
-                                                                    + (["relax.add"] if bias or res else []))))
+                                    build=build, requires=frozenset(
+                                        [core_op, *act.ops] + (["relax.add"] if bias or res in ("pre", "post") else [])
+                                        + (["relax.multiply"] if res == "mul" else []))))
     return result
 
 
@@ -897,8 +904,9 @@ def to_channels_last(mod):
 
 
 def dense_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.dense") -> list[KernelPattern]:
-    """matmul(x[..., K], const W[K, N]) with its epilogue -> the packed dense kernel."""
-    return _fused_patterns(prefix, "dense", kernel, "relax.matmul", -1, _dense_args)
+    """matmul(x[..., K], const W[K, N]) with its epilogue -> the packed dense kernel; the
+    epilogue may multiply by a tensor of the output's shape (a gated MLP's other projection)."""
+    return _fused_patterns(prefix, "dense", kernel, "relax.matmul", -1, _dense_args, gated=True)
 
 
 def dense_int8_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.dense_i8",

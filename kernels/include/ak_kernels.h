@@ -28,7 +28,9 @@ typedef enum {
 } ak_activation;
 
 typedef enum { AK_BIAS_NONE = 0, AK_BIAS_COL = 1, AK_BIAS_ROW = 2 } ak_bias_mode;
-typedef enum { AK_RES_NONE = 0, AK_RES_PRE_ACT = 1, AK_RES_POST_ACT = 2 } ak_res_mode;
+/* residual: added before or after the activation, or multiplied after it (MUL: a gated MLP's
+ * act(x W_gate) * (x W_up), res being the other projection) */
+typedef enum { AK_RES_NONE = 0, AK_RES_PRE_ACT = 1, AK_RES_POST_ACT = 2, AK_RES_MUL = 3 } ak_res_mode;
 
 typedef struct {
   int act;          /* ak_activation */

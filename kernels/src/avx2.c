@@ -106,6 +106,7 @@ AK_INLINE __m256 v_epi(__m256 v, __m256 bias, const float* res, ak_m8 m, const a
   if (e->res_mode == AK_RES_PRE_ACT) v = _mm256_add_ps(v, load8(res, m));
   v = v_act(v, e);
   if (e->res_mode == AK_RES_POST_ACT) v = _mm256_add_ps(v, load8(res, m));
+  else if (e->res_mode == AK_RES_MUL) v = _mm256_mul_ps(v, load8(res, m));
   return v;
 }
 

@@ -87,6 +87,7 @@ AK_INLINE __m512 v_epi(__m512 v, __m512 bias, const float* res, __mmask16 m, con
   if (e->res_mode == AK_RES_PRE_ACT) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, res));
   v = v_act(v, e);
   if (e->res_mode == AK_RES_POST_ACT) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, res));
+  else if (e->res_mode == AK_RES_MUL) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, res));
   return v;
 }
 

@@ -166,7 +166,7 @@ static int ak_epi(const ak_call* c, int i, ak_epilogue* e) {
   int64_t act, res_mode;
   memset(e, 0, sizeof(*e));
   AK_TRY(ak_int(c, i, "act", 0, AK_ACT_COUNT_ - 1, &act));
-  AK_TRY(ak_int(c, i + 1, "res_mode", 0, 2, &res_mode));
+  AK_TRY(ak_int(c, i + 1, "res_mode", 0, AK_RES_MUL, &res_mode));
   AK_TRY(ak_float(c, i + 2, "lo", &e->lo));
   AK_TRY(ak_float(c, i + 3, "hi", &e->hi));
   AK_TRY(ak_float(c, i + 4, "scale", &e->scale));

@@ -23,6 +23,7 @@ static inline float epi1(float v, float bias, const float* res, int64_t j, const
   if (e->res_mode == AK_RES_PRE_ACT) v += res[j];
   v = act1(v, e);
   if (e->res_mode == AK_RES_POST_ACT) v += res[j];
+  else if (e->res_mode == AK_RES_MUL) v *= res[j];
   return v;
 }
 
