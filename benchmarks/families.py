@@ -3,11 +3,13 @@ text encoder 77 tokens, the Whisper encoder 3000 frames) with torch + transforme
 untuned) and compare with onnxruntime (2 intra-op threads) in the same run: relative L2 error,
 what was offloaded to accelkit's kernels, and the latency ratio from alternating blocks.
 
-    python benchmarks/families.py [gpt2 gpt2-where llama phi t5 distilbert clip-text whisper-encoder]
-                                  [--json r.json]
+    python benchmarks/families.py [gpt2 gpt2-where llama qwen2 mistral gemma phi t5 distilbert
+                                   clip-text whisper-encoder] [--json r.json]
 
 Each family is exported as transformers 5 writes it (`gpt2-where`: GPT-2 with transformers 4's
-eager attention, the causal mask applied by torch.where). Needs the `bench` extra."""
+eager attention, the causal mask applied by torch.where; Qwen2, Mistral and Gemma with grouped
+key/value heads, which torch's TorchScript exporter takes only with eager attention). Needs the
+`bench` extra."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +20,8 @@ import time
 
 import numpy as np
 
-FAMILIES = ("gpt2", "gpt2-where", "llama", "phi", "t5", "distilbert", "clip-text", "whisper-encoder")
+FAMILIES = ("gpt2", "gpt2-where", "llama", "qwen2", "mistral", "gemma", "phi", "t5", "distilbert", "clip-text",
+            "whisper-encoder")
 SEQ = 128
 
 
@@ -57,6 +60,11 @@ def build(name: str, out_dir: str) -> str:
     elif name == "llama":
         model = tf.LlamaModel(tf.LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=2,
                                              num_attention_heads=12, num_key_value_heads=12, vocab_size=32000))
+    elif name in ("qwen2", "mistral", "gemma"):  # 4 key/value heads for 12 query heads
+        config = {"qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig, "gemma": tf.GemmaConfig}[name](
+            hidden_size=768, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=12,
+            num_key_value_heads=4, head_dim=64, vocab_size=32000, attn_implementation="eager")
+        model = {"qwen2": tf.Qwen2Model, "mistral": tf.MistralModel, "gemma": tf.GemmaModel}[name](config)
     elif name == "phi":
         model = tf.PhiModel(tf.PhiConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=2,
                                          num_attention_heads=12, vocab_size=32000))

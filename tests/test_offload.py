@@ -115,6 +115,27 @@ def test_llama_gated_mlp_silu_is_the_gate_projections_epilogue():
     check(gated_mlp_model(gate_input="u"), {"cpu.dense_sigmoid_mul": 1, "cpu.dense": 2})
 
 
+def test_gemma_gated_mlp_torch_tanh_gelu_is_one_epilogue():
+    """Gemma's MLP: gelu(x W_gate, approximate="tanh") * (x W_up), the GELU as torch exports it
+    (x * (x * x) for the cube, constants on the left). It becomes gelu_tanh, and gate GELU and
+    product are the gate projection's epilogue (TVM computed it: 16% of a 2-layer Gemma)."""
+    rng = np.random.default_rng(16)
+    e, n = 16, 40
+    nodes = [helper.make_node("MatMul", ["x", "Wg"], ["g"]), helper.make_node("MatMul", ["x", "Wu"], ["u"]),
+             helper.make_node("Mul", ["g", "g"], ["g2"]), helper.make_node("Mul", ["g", "g2"], ["g3"]),
+             helper.make_node("Mul", ["a", "g3"], ["ag3"]), helper.make_node("Add", ["g", "ag3"], ["i"]),
+             helper.make_node("Mul", ["c", "i"], ["ci"]), helper.make_node("Tanh", ["ci"], ["t"]),
+             helper.make_node("Add", ["one", "t"], ["t1"]), helper.make_node("Mul", ["g", "t1"], ["gt"]),
+             helper.make_node("Mul", ["half", "gt"], ["act"]), helper.make_node("Mul", ["act", "u"], ["h"]),
+             helper.make_node("MatMul", ["h", "Wd"], ["y"])]
+    inits = [const("Wg", rng.standard_normal((e, n)) / 4), const("Wu", rng.standard_normal((e, n)) / 4),
+             const("Wd", rng.standard_normal((n, e)) / 6), const("a", 0.044715), const("c", math.sqrt(2 / math.pi)),
+             const("one", 1.0), const("half", 0.5)]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 7, e])],
+                       [helper.make_tensor_value_info("y", F, [1, 7, e])], inits)
+    check(proto, {"cpu.dense_gelu_tanh_mul": 1, "cpu.dense": 2})
+
+
 @pytest.mark.parametrize("other", ["tanh", "self"])
 def test_a_product_with_the_dense_output_itself_is_not_a_multiply_epilogue(other):
     """h * tanh(h) and h * h multiply the dense output by something computed from it: the

@@ -701,8 +701,9 @@ _UNARY_ACTS = ("relax.nn.gelu_tanh", "relax.nn.gelu", "relax.nn.relu", "relax.nn
 def canonical_activations(mod):
     """Activations in the form the dense epilogues take:
     - tanh-GELU as exporters write it out, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-      (transformers' NewGELU: GPT-2, GPT-J, CodeGen), -> relax.nn.gelu_tanh(x). TVM computes the
-      written-out form with scalar pow and tanh calls: 3.5 ms per 128 x 3072 layer here;
+      (transformers' NewGELU: GPT-2, GPT-J, CodeGen; torch's gelu(approximate="tanh") with
+      x * x * x: Gemma), -> relax.nn.gelu_tanh(x). TVM computes the written-out form with
+      scalar pow and tanh calls: 3.5 ms per 128 x 3072 layer here;
     - SiLU as torch exports it, x * sigmoid(x) (Llama's, Qwen's and Mistral's gated MLPs),
       -> relax.nn.silu(x); erf-GELU, x * 0.5 * (1 + erf(x / sqrt(2))), -> relax.nn.gelu(x);
     - act(reshape(y)) -> reshape(act(y)) for a unary activation, and reshape(reshape(y)) ->
@@ -716,7 +717,9 @@ def canonical_activations(mod):
     from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
     x, c3, ca, cb, c1, ch = wildcard(), is_const(), is_const(), is_const(), is_const(), is_const()
-    cube = is_op("relax.power")(x, c3)
+    # x^3 as pow (transformers' NewGELU) or x * (x * x) (torch's gelu(approximate="tanh"):
+    # Gemma's gelu_pytorch_tanh)
+    cube = is_op("relax.power")(x, c3) | _commutative("relax.multiply", x, is_op("relax.multiply")(x, x))
     t = is_op("relax.tanh")(_commutative("relax.multiply",
                                          _commutative("relax.add", x, _commutative("relax.multiply", cube, ca)), cb))
     one_plus = _commutative("relax.add", t, c1)
@@ -724,7 +727,7 @@ def canonical_activations(mod):
             | _commutative("relax.multiply", _commutative("relax.multiply", x, one_plus), ch))
 
     def to_gelu(expr, matches):
-        values = [_scalar(matches[c]) for c in (c3, ca, cb, c1, ch)]
+        values = [_scalar(matches[c]) if c in matches else 3.0 for c in (c3, ca, cb, c1, ch)]
         if _f32(matches[x]) is None or _f32(expr) != _f32(matches[x]) or None in values:
             return expr  # (a constant of higher rank broadcasts x up: not an activation of x)
         three, a, b, one, half = values
