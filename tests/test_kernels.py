@@ -558,13 +558,13 @@ def test_layer_norm_and_softmax(k, isa):
     k("softmax")(t(x), out)
     e = np.exp(xd - xd.max(-1, keepdims=True))
     close(out.numpy(), e / e.sum(-1, keepdims=True))
-    for d in (3, 16, 70, 768):  # a tail only, one vector, vectors and a tail, Llama's width
-        xr = (rng.standard_normal((4, d)) * 3 + 1).astype(np.float32)
+    for d, eps in ((3, 0.7), (16, 1e-6), (33, 0.7), (70, 1e-6), (768, 0.7)):  # tails, vectors, Llama's width
+        xr = (rng.standard_normal((4, d)) * 0.5).astype(np.float32)  # mean square near eps: eps counts
         gr = rng.standard_normal(d).astype(np.float32)
         out_r = t(np.zeros_like(xr))
-        k("rms_norm")(t(xr), t(gr), 1e-6, out_r)
+        k("rms_norm")(t(xr), t(gr), eps, out_r)
         xd_r = xr.astype(np.float64)
-        close(out_r.numpy(), xd_r / np.sqrt((xd_r ** 2).mean(-1, keepdims=True) + 1e-6) * gr)
+        close(out_r.numpy(), xd_r / np.sqrt((xd_r ** 2).mean(-1, keepdims=True) + eps) * gr)
     wide = rng.standard_normal((2, 18710)).astype(np.float32) * 10  # a long classifier axis
     out = t(np.zeros_like(wide))
     k("softmax")(t(wide), out)

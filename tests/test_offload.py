@@ -136,19 +136,26 @@ def test_gemma_gated_mlp_torch_tanh_gelu_is_one_epilogue():
     check(proto, {"cpu.dense_gelu_tanh_mul": 1, "cpu.dense": 2})
 
 
-@pytest.mark.parametrize("other", ["tanh", "self"])
+@pytest.mark.parametrize("other", ["tanh", "self", "relu_self", "bias_self", "relu_bias_times_h"])
 def test_a_product_with_the_dense_output_itself_is_not_a_multiply_epilogue(other):
-    """h * tanh(h) and h * h multiply the dense output by something computed from it: the
-    kernel cannot take that as an input, so TVM multiplies (and the result is right)."""
+    """h * tanh(h), h * h, relu(h) * relu(h), (h + b)^2, relu(h + b) * h multiply the dense
+    output by something computed from it (or by itself): the kernel cannot take that as its
+    input without computing h a second time, so it is one dense call and TVM multiplies."""
     rng = np.random.default_rng(15)
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"])]
-    if other == "tanh":
-        nodes += [helper.make_node("Tanh", ["h"], ["t"]), helper.make_node("Mul", ["h", "t"], ["y"])]
-    else:
-        nodes.append(helper.make_node("Mul", ["h", "h"], ["y"]))
+    nodes += {"tanh": [helper.make_node("Tanh", ["h"], ["t"]), helper.make_node("Mul", ["h", "t"], ["y"])],
+              "self": [helper.make_node("Mul", ["h", "h"], ["y"])],
+              "relu_self": [helper.make_node("Relu", ["h"], ["a"]), helper.make_node("Mul", ["a", "a"], ["y"])],
+              "bias_self": [helper.make_node("Add", ["h", "b"], ["a"]), helper.make_node("Mul", ["a", "a"], ["y"])],
+              "relu_bias_times_h": [helper.make_node("Add", ["h", "b"], ["hb"]), helper.make_node("Relu", ["hb"], ["a"]),
+                                    helper.make_node("Mul", ["a", "h"], ["y"])]}[other]
     proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 7, 16])],
-                       [helper.make_tensor_value_info("y", F, [1, 7, 24])], [const("W", rng.standard_normal((16, 24)) / 4)])
-    check(proto, {"cpu.dense": 1})
+                       [helper.make_tensor_value_info("y", F, [1, 7, 24])],
+                       [const("W", rng.standard_normal((16, 24)) / 4), const("b", rng.standard_normal(24))])
+    model = accelkit.compile(proto, cache=False)
+    offloaded = model.manifest["offloaded"]
+    assert sum(n for name, n in offloaded.items() if name.startswith("cpu.dense")) == 1, offloaded
+    check(proto, offloaded)
 
 
 def rms_norm_model(form="llama", weight=True, axis=-1, eps=1e-6, power=2.0, w_shape=(24,)):
@@ -182,8 +189,10 @@ def rms_norm_model(form="llama", weight=True, axis=-1, eps=1e-6, power=2.0, w_sh
 def test_written_out_rms_norm_is_the_kernel(form, weight):
     """RMSNorm as exported (Llama, Qwen, Mistral, T5: no RMSNormalization op before opset 23)
     becomes one rms_norm call: TVM computed it as two generated functions, 79 us per 128 x 768
-    block, against 25 for the kernel in a Llama layer."""
+    block, against 25 for the kernel in a Llama layer. eps 0.5 (against mean squares near 1)
+    checks that eps reaches the kernel."""
     check(rms_norm_model(form, weight), {"cpu.rms_norm": 1, "cpu.dense": 1})
+    check(rms_norm_model(form, weight, eps=0.5), {"cpu.rms_norm": 1, "cpu.dense": 1})
 
 
 @pytest.mark.parametrize("change", [dict(axis=1), dict(power=4.0), dict(eps=-1e-3)])

@@ -307,7 +307,7 @@ def test_dense_calls_are_measured_and_keyed_as_the_model_splits_them(cache, monk
     db = _db_dir(cache)
     decisions = json.load(open(os.path.join(db, "decisions.json")))
     dense = [k for k in decisions["kernels"] if k.startswith("accelkit.cpu.dense")]
-    assert dense and all(k.endswith(" weights-cached") for k in dense), dense
+    assert dense and all(decisions["kernels"][k]["task"].endswith(" weights-cached") for k in dense), dense
 
     # compile finds a decision under the cached key (make one tuned, whatever was measured)
     entry = decisions["kernels"][dense[0]]
@@ -325,7 +325,8 @@ def test_dense_calls_are_measured_and_keyed_as_the_model_splits_them(cache, monk
 def test_kernel_configs_are_measured_and_applied_per_instruction_set(cache, monkeypatch):
     """A kernel config's speed depends on the instruction set the kernels dispatch to
     (ACCELKIT_KERNEL_ISA caps it): what was tuned on AVX-512 is neither applied to nor resumed
-    by an AVX2 run, and the two builds are cached apart."""
+    by an AVX2 run, tuning the AVX2 kernels keeps AVX-512's decisions, and the two builds are
+    cached apart."""
     from accelkit import kernels
     from accelkit.backends import get_backend
     from accelkit.tuning import kernels as ktune
@@ -346,7 +347,8 @@ def test_kernel_configs_are_measured_and_applied_per_instruction_set(cache, monk
     native = accelkit.compile(model)
     assert native.manifest["tuning"]["applied"]["kernels"], native.manifest["tuning"]
     backend = get_backend("cpu")
-    assert TuningDB(native.manifest["target"]).kernel_trials(backend.kernels_digest())
+    native_digest = backend.kernels_digest()
+    assert TuningDB(native.manifest["target"]).kernel_trials(native_digest)
 
     monkeypatch.setenv("ACCELKIT_KERNEL_ISA", "avx2")
     module.register()
@@ -358,9 +360,15 @@ def test_kernel_configs_are_measured_and_applied_per_instruction_set(cache, monk
         # a tune run here starts the kernel search over instead of resuming AVX-512's trials
         assert not TuningDB(capped.manifest["target"]).kernel_trials(backend.kernels_digest())
         np.testing.assert_allclose(capped.run(_feeds())[0], native.run(_feeds())[0], rtol=1e-4, atol=1e-4)
+        # and its decisions sit beside AVX-512's instead of replacing them
+        tuning.tune(model, options=tuning.TuneOptions(budget=20, tir=False, progress=False))
+        both = json.load(open(os.path.join(db, "decisions.json")))["kernels"]
+        assert {v["kernels"] for v in both.values()} == {native_digest, backend.kernels_digest()}
     finally:
         monkeypatch.delenv("ACCELKIT_KERNEL_ISA")
         module.register()
+    again = accelkit.compile(model)
+    assert again.manifest["tuning"]["applied"] == native.manifest["tuning"]["applied"]
 
 
 def test_a_candidate_that_computes_something_else_is_refused():

@@ -338,7 +338,7 @@ def _fused_patterns(prefix: str, name: str, kernel: str, core_op: str, channel_a
     ...], core ints), or None to leave it to TVM; the epilogue is read here, with the bias broadcast along
     `channel_axis` of the output."""
     from tvm import relax
-    from tvm.relax.dpl import is_const, is_op, wildcard
+    from tvm.relax.dpl import WildcardPattern, is_const, is_op, wildcard
 
     result = []
     for bias, res, act_name in _epilogue_variants(gated):
@@ -357,8 +357,9 @@ def _fused_patterns(prefix: str, name: str, kernel: str, core_op: str, channel_a
                 return None
             if res and _f32(matches[r]) != out:
                 return None
-            if res and matches[r].same_as(matches[core]):
-                return None  # h * h: the kernel would compute h twice, once for its own input
+            if res and any(matches[r].same_as(v) for n, v in matches.items()
+                           if n is not r and not isinstance(n, WildcardPattern)):
+                return None  # h * h, act(h) * act(h): h would be computed twice, once for r
             params = act.params(matches, matches[root]) if act.name else (0, 0.0, 0.0)
             head = core_args(matches[x], matches[w], matches[core]) if params is not None else None
             if head is None:

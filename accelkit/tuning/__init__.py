@@ -100,7 +100,8 @@ class Applied:
         self.db = db
         self.digest = db.digest()
         self.tir = {k: v for k, v in decisions["tir"].items() if v.get("use") == "tuned"}
-        self.kernels = {k: v for k, v in decisions["kernels"].items()
+        # entries are per task and kernel library + instruction set ("kernels"): only this one's
+        self.kernels = {v.get("task", k): v for k, v in decisions["kernels"].items()
                         if v.get("use") == "tuned" and v.get("kernels") == kernels_digest}
 
     def apply_kernels(self, mod, applied: dict[str, Any]):
@@ -398,7 +399,9 @@ def _tune_kernels(be, target, db, tasks, decisions, options, report, progress, d
         else:
             entry["use"] = "untuned"
             entry["reason"] = "nothing faster by 3%"
-        decisions["kernels"][task.key] = entry
+        entry["task"] = task.key
+        # keyed by library + instruction set too: tuning the AVX2 kernels keeps AVX-512's decisions
+        decisions["kernels"][f"{task.key} @{digest}"] = entry
         row.update(entry)
         row["config"] = ktune.describe_config(best_config)
         report.kernel_tasks.append(row)

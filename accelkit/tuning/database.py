@@ -7,7 +7,8 @@
                          {"workload", "candidate", "secs" | null, "error"}  (resume skips these)
         kernels.jsonl    every measured kernel config: {"task", "kernels", "config", "secs"}
         decisions.json   per function, what compile applies: {"tir": {workload: {...}},
-                         "kernels": {task: {...}}}; only entries with "use": "tuned" change code
+                         "kernels": {"<task> @<library>+<isa>": {"task": ..., ...}}}; only
+                         entries with "use": "tuned" change code
         lock             held by the one `tune` writing here
 
 Workloads are keyed by TVM's structural hash of the unscheduled PrimFunc and kernel call sites
