@@ -38,6 +38,15 @@ class System:
     first_run_ms: float | None = None
     times_ms: list[float] = dataclasses.field(default_factory=list)
     outputs: list | None = None
+    blocks: list[int] = dataclasses.field(default_factory=list)  # where each timed block starts in times_ms
+
+    def block_medians(self) -> list[float]:
+        """The median of each timed block (alternating systems: block i of one ran beside
+        block i of the other, under the same disturbance)."""
+        import statistics as st
+
+        edges = [*self.blocks, len(self.times_ms)]
+        return [st.median(self.times_ms[i:j]) for i, j in zip(edges, edges[1:]) if j > i]
 
 
 def parse_duration(text: str) -> float:
@@ -78,6 +87,28 @@ def statistics(times_ms: Sequence[float], batch: int = 1) -> dict[str, float]:
         "inferences_per_s": 1e3 / mean,
         "samples_per_s": 1e3 * batch / mean,
     }
+
+
+def ratio_interval(a_blocks: Sequence[float], b_blocks: Sequence[float], *, level: float = 0.9,
+                   resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """A bootstrap interval (`level`, e.g. 90%) for the median of a_i / b_i over paired blocks
+    (System.block_medians of two systems timed alternately). Pairing blocks keeps a disturbance
+    that hits both in one stretch out of the ratio; the spread between blocks, not between runs,
+    is what a shared machine varies by. An interval that contains 1 says the difference is not
+    measurable."""
+    import numpy as np
+
+    n = min(len(a_blocks), len(b_blocks))
+    if n == 0:
+        raise ValueError("no timed blocks")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be between 0 and 1, got {level}")
+    ratios = np.asarray(a_blocks[:n], dtype=np.float64) / np.asarray(b_blocks[:n], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(ratios, (resamples, n)), axis=1)
+    tail = (1.0 - level) / 2 * 100
+    lo, hi = np.percentile(medians, [tail, 100 - tail])
+    return float(lo), float(hi)
 
 
 def compare_outputs(actual: Sequence[Any], expected: Sequence[Any], names: Sequence[str]) -> dict[str, Any]:
@@ -184,7 +215,8 @@ def measure(systems: Sequence[System], feeds, *, runs: int | None = None, durati
             warmup: int = 3, progress: Progress | None = None, settle_s: float = SETTLE_S) -> None:
     """Time each system's `run(feeds)` into `system.times_ms`: `runs` timed runs each, or until
     `duration_s` of timed running has passed (at least MIN_RUNS each). Several systems are timed
-    in alternating blocks, each block after a pause; their first run and warm-up come first."""
+    in alternating blocks, each block after a pause, in A B B A order; their first run and
+    warm-up come first."""
     import statistics as st
 
     if (runs is None) == (duration_s is None):
@@ -210,14 +242,19 @@ def measure(systems: Sequence[System], feeds, *, runs: int | None = None, durati
             return n >= runs
         return n >= MIN_RUNS and timed_s[id(system)] >= share
 
+    rounds = 0
     while not all(done(s) for s in systems):
-        for system in systems:
+        # A B, then B A: whichever runs second in a round is not always the same system
+        order = systems if rounds % 2 == 0 else list(reversed(systems))
+        rounds += 1
+        for system in order:
             if done(system):
                 continue
             if not alone:
                 time.sleep(settle_s)
                 system.run(feeds)  # wake its thread pool back up after the pause
             count = per_block[id(system)] if not alone else (runs or 1 << 62)
+            system.blocks.append(len(system.times_ms))
             for _ in range(count):
                 start = time.perf_counter()
                 system.run(feeds)

@@ -370,10 +370,13 @@ def _compare_untuned(args, tuned, shapes):
     untuned = accelkit.compile(args.model, backend=args.backend, input_shapes=shapes, tune=False)
     feeds = bench.random_feeds(tuned.inputs, tuned.manifest.get("index_bounds"))
     systems = [bench.System("untuned", untuned.run, 0.0), bench.System("tuned", tuned.run, 0.0)]
-    bench.measure(systems, feeds, duration_s=4.0)
+    bench.measure(systems, feeds, duration_s=6.0)
     a, b = (bench.statistics(s.times_ms)["p50_ms"] for s in systems)
+    lo, hi = bench.ratio_interval(systems[0].block_medians()[1:], systems[1].block_medians()[1:])  # 1st: 1 run
+    verdict = "no measurable difference" if lo <= 1.0 <= hi else "tuned faster" if lo > 1.0 else "tuned slower"
     same = bench.compare_outputs(tuned.run(feeds), untuned.run(feeds), [o.name for o in tuned.outputs])
-    print(f"untuned {a:.3f} ms, tuned {b:.3f} ms (p50, alternating runs): {a / b:.3f}x; "
+    print(f"untuned {a:.3f} ms, tuned {b:.3f} ms (p50, alternating runs): {a / b:.3f}x "
+          f"(90% interval {lo:.3f}-{hi:.3f}: {verdict}); "
           f"outputs: min cosine {same['min_cosine']:.7f}, max abs error {same['max_abs_err']:.2g}")
 
 

@@ -68,6 +68,39 @@ def test_statistics_of_known_latencies():
     assert stats["samples_per_s"] == pytest.approx(4e3 / 50.5)
 
 
+def test_ratio_interval_says_whether_a_difference_is_measurable():
+    """Paired block medians: a drift that hits both systems in the same stretch (10 -> 14 ms
+    here) stays out of the ratio, so one distribution drawn twice gives an interval around 1,
+    and a system 10% slower one above 1.05; fewer blocks give a wider interval."""
+    rng = np.random.default_rng(3)
+    drift = np.linspace(10, 14, 12)
+    b = drift * rng.normal(1, 0.01, 12)
+    lo, hi = bench.ratio_interval(drift * rng.normal(1, 0.01, 12), b)
+    assert lo < 1.0 < hi and hi - lo < 0.04
+    slow = bench.ratio_interval(1.1 * drift * rng.normal(1, 0.01, 12), b)
+    assert 1.05 < slow[0] < 1.1 < slow[1] < 1.15
+    few = bench.ratio_interval(drift[:3] * rng.normal(1, 0.01, 3), b[:3])
+    assert few[1] - few[0] > hi - lo
+    with pytest.raises(ValueError, match="no timed blocks"):
+        bench.ratio_interval([], b)
+    with pytest.raises(ValueError, match="level must be between 0 and 1"):
+        bench.ratio_interval(b, b, level=1.5)
+
+
+def test_measure_records_the_alternating_blocks():
+    calls = []
+    systems = [bench.System(name, lambda feeds, name=name: calls.append(name), 0.0) for name in "ab"]
+    bench.measure(systems, {}, runs=30, warmup=0, settle_s=0.0)
+    for system in systems:
+        assert len(system.times_ms) == 30
+        assert system.blocks[0] == 0 and system.blocks == sorted(set(system.blocks)) and len(system.blocks) >= 2
+        assert len(system.block_medians()) == len(system.blocks)
+    # first runs a, b; then a block each (1 run), then the rest in the other order (b, a): the
+    # same system is not always second after the pause
+    groups = [c for i, c in enumerate(calls[2:]) if i == 0 or c != calls[2:][i - 1]]
+    assert groups == ["a", "b", "a"], groups
+
+
 @pytest.mark.parametrize("text,seconds", [("10s", 10), ("500ms", 0.5), ("2m", 120), ("1.5", 1.5)])
 def test_parse_duration(text, seconds):
     assert bench.parse_duration(text) == pytest.approx(seconds)

@@ -173,6 +173,7 @@ def test_cli_tune_and_info(cache, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "kernels:" in done.stdout and "trials measured" in done.stdout
     assert "untuned " in done.stdout and "tuned " in done.stdout  # the closing comparison
+    assert "90% interval" in done.stdout, done.stdout
     info = subprocess.run([sys.executable, "-m", "accelkit", "info", str(tmp_path / "a.akx")],
                           capture_output=True, text=True, env=env, timeout=120)
     assert info.returncode == 0 and "tuned:" in info.stdout
