@@ -644,13 +644,25 @@ def conv2d_nhwc_patterns(prefix: str = "cpu", kernel: str = "accelkit.cpu.conv2d
                            functools.partial(_conv2d_nhwc_args, winograd=winograd))
 
 
+def _rewrite_each(mod, *steps):
+    """Each Relax function of mod rewritten by (pattern, rewriter) steps in order (rewrite_call)."""
+    from tvm import relax
+    from tvm.relax.dpl import rewrite_call
+
+    for gvar, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            for pattern, rewriter in steps:
+                func = rewrite_call(pattern, rewriter, func)
+            mod[gvar] = func
+    return mod
+
+
 def drop_identity_ops(mod):
     """concat((x,)) -> x and astype(x, x's dtype) -> x: no-ops that exporters leave, a concat
     where a cache would be joined (GPT-2's past keys and values, empty in an export without
     them) and a cast back to float32 after the softmax (GPT-2's eager attention). TVM copies
     them; the attention pattern must see through them."""
-    from tvm import relax
-    from tvm.relax.dpl import is_op, is_tuple, rewrite_call, wildcard
+    from tvm.relax.dpl import is_op, is_tuple, wildcard
 
     x, y = wildcard(), wildcard()
     identity = is_op("relax.concat")(is_tuple([x])) | is_op("relax.astype")(y)
@@ -659,10 +671,7 @@ def drop_identity_ops(mod):
         inner = matches[x] if x in matches else matches[y]
         return inner if tensor_type(inner) == tensor_type(expr) else expr
 
-    for gvar, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            mod[gvar] = rewrite_call(identity, rewriter, func)
-    return mod
+    return _rewrite_each(mod, (identity, rewriter))
 
 
 def conv1d_as_conv2d(mod):
@@ -671,7 +680,7 @@ def conv1d_as_conv2d(mod):
     take it. TVM's generated conv1d ran Whisper's encoder stem (80 -> 384 channels over 3000
     frames, then stride 2) in 430 ms of a 516 ms encoder (onnxruntime: 83 ms in all)."""
     from tvm import relax
-    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+    from tvm.relax.dpl import is_op, wildcard
 
     x, w = wildcard(), wildcard()
     conv = is_op("relax.nn.conv1d")(x, w)
@@ -690,10 +699,7 @@ def conv1d_as_conv2d(mod):
                                  groups=int(a.groups), out_dtype=a.out_dtype)
         return relax.op.squeeze(out, [2])
 
-    for gvar, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            mod[gvar] = rewrite_call(conv, rewrite, func)
-    return mod
+    return _rewrite_each(mod, (conv, rewrite))
 
 
 _UNARY_ACTS = ("relax.nn.gelu_tanh", "relax.nn.gelu", "relax.nn.relu", "relax.nn.silu", "relax.sigmoid")
@@ -715,7 +721,7 @@ def canonical_activations(mod):
       and a constant added or multiplied after it (the bias: its constant gets the unit axis),
       so that bias and activation are the convolution kernel's epilogue."""
     from tvm import relax
-    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+    from tvm.relax.dpl import is_const, is_op, wildcard
 
     x, c3, ca, cb, c1, ch = wildcard(), is_const(), is_const(), is_const(), is_const(), is_const()
     # x^3 as pow (transformers' NewGELU) or x * (x * x) (torch's gelu(approximate="tanh"):
@@ -790,13 +796,8 @@ def canonical_activations(mod):
             inner = relax.Call(expr.op, [matches[u], relax.const(value)])
         return relax.op.squeeze(inner, [axis])
 
-    for gvar, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            func = rewrite_call(silu, to_silu, rewrite_call(gelu, to_gelu, func))
-            func = rewrite_call(erf_gelu, to_erf_gelu, func)
-            mod[gvar] = rewrite_call(act | twice | after_squeeze,
-                                     lambda e, m: sink_squeeze(e, m) if squeezed in m else sink(e, m), func)
-    return mod
+    return _rewrite_each(mod, (gelu, to_gelu), (silu, to_silu), (erf_gelu, to_erf_gelu),
+                         (act | twice | after_squeeze, lambda e, m: sink_squeeze(e, m) if squeezed in m else sink(e, m)))
 
 
 def canonical_norms(mod):
@@ -806,7 +807,7 @@ def canonical_norms(mod):
     with x * x for the square, and without w. TVM computes the written-out form as two generated
     functions, 79 us per 128 x 768 block here; the kernel takes 8."""
     from tvm import relax
-    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+    from tvm.relax.dpl import is_const, is_op, wildcard
 
     x, two, eps, one, w = wildcard(), is_const(), is_const(), is_const(), is_const()
     mean = is_op("relax.mean")(is_op("relax.power")(x, two) | is_op("relax.multiply")(x, x))
@@ -834,10 +835,7 @@ def canonical_norms(mod):
             return expr
         return relax.op.nn.rms_norm(matches[x], relax.const(gamma), axes=[-1], epsilon=epsilon)
 
-    for gvar, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            mod[gvar] = rewrite_call(normed, to_rms_norm, rewrite_call(scaled, to_rms_norm, func))
-    return mod
+    return _rewrite_each(mod, (scaled, to_rms_norm), (normed, to_rms_norm))
 
 
 def to_channels_last(mod):
@@ -847,7 +845,7 @@ def to_channels_last(mod):
     convolutional part (the input image, a flatten). relax.clip (relu6) has no layout rule in TVM
     0.27 and would get a transpose on each side: it crosses as maximum/minimum and comes back."""
     from tvm import relax
-    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+    from tvm.relax.dpl import is_const, is_op, wildcard
 
     has_nchw_conv = [False]
 
@@ -885,18 +883,12 @@ def to_channels_last(mod):
             return expr
         return relax.op.clip(matches[y], float(bounds[0]), float(bounds[1]))
 
-    def each_function(mod, pattern, rewriter):
-        for gvar, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                mod[gvar] = rewrite_call(pattern, rewriter, func)
-        return mod
-
     original = mod
     try:
-        mod = each_function(mod, clip, clip_to_minmax)
+        mod = _rewrite_each(mod, (clip, clip_to_minmax))
         mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OIHW"]})(mod)
         mod = relax.transform.FoldConstant()(mod)
-        return each_function(mod, minmax, minmax_to_clip)
+        return _rewrite_each(mod, (minmax, minmax_to_clip))
     except Exception as exc:  # noqa: BLE001 - TVM's layout inference fails on some graphs (e.g.
         # "Invalid SLayout" for an op it cannot follow); the NCHW module is correct, only slower
         import logging

@@ -705,51 +705,47 @@ static int ak_model_bytes(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAn
   return 0;
 }
 
-/* layer_norm(x[..., D], gamma[D], beta[D] | [0], eps, out) over the last axis. */
-static int ak_layer_norm(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
-  (void)self; (void)result;
-  ak_call c = {"accelkit.cpu.layer_norm", args, n};
-  AK_TRY(ak_nargs(&c, 5, "x, gamma, beta, eps, out"));
-  DLTensor *x, *gamma, *beta, *out;
-  AK_NEED(x = ak_f32(&c, 0, "x", 1, 8));
-  AK_NEED(gamma = ak_f32(&c, 1, "gamma", 1, 1));
-  AK_NEED(beta = ak_f32(&c, 2, "beta", 1, 1));
-  AK_NEED(out = ak_f32(&c, n - 1, "out", 1, 8));
+/* layer_norm(x[..., D], gamma[D], beta[D] | [0], eps, out) (center = 1) and
+ * rms_norm(x[..., D], gamma[D], eps, out) = x / sqrt(mean(x^2) + eps) * gamma (center = 0), over
+ * the last axis. */
+static int ak_norm(const ak_call* c, int center) {
+  const int nargs = center ? 5 : 4, i_eps = nargs - 2;
+  AK_TRY(ak_nargs(c, nargs, center ? "x, gamma, beta, eps, out" : "x, gamma, eps, out"));
+  DLTensor *x, *gamma, *beta = NULL, *out;
+  AK_NEED(x = ak_f32(c, 0, "x", 1, 8));
+  AK_NEED(gamma = ak_f32(c, 1, "gamma", 1, 1));
+  if (center) AK_NEED(beta = ak_f32(c, 2, "beta", 1, 1));
+  AK_NEED(out = ak_f32(c, c->num_args - 1, "out", 1, 8));
   float eps;
-  AK_TRY(ak_float(&c, 3, "eps", &eps));
+  AK_TRY(ak_float(c, i_eps, "eps", &eps));
   ak_tuning tune;
-  AK_TRY(ak_config(&c, 5, &tune));
-  AK_TRY(ak_same_shape(&c, out, x, "out", "x"));
+  AK_TRY(ak_config(c, nargs, &tune));
+  AK_TRY(ak_same_shape(c, out, x, "out", "x"));
   const int64_t D = x->shape[x->ndim - 1];
-  if (ak_numel(gamma) != D || (ak_numel(beta) != 0 && ak_numel(beta) != D))
-    return ak_fail(&c, "ValueError", "gamma/beta must have D=%lld elements", (long long)D);
+  if (center && (ak_numel(gamma) != D || (ak_numel(beta) != 0 && ak_numel(beta) != D)))
+    return ak_fail(c, "ValueError", "gamma/beta must have D=%lld elements", (long long)D);
+  if (!center && ak_numel(gamma) != D)
+    return ak_fail(c, "ValueError", "gamma must have D=%lld elements, got %lld", (long long)D,
+                   (long long)ak_numel(gamma));
   if (D == 0) return 0;
-  ak_layer_norm_f32(AK_DATA(x), AK_DATA(gamma), AK_OPT(beta), AK_DATA(out), ak_numel(x) / D, D,
-                    eps, tune.threads);
+  if (center)
+    ak_layer_norm_f32(AK_DATA(x), AK_DATA(gamma), AK_OPT(beta), AK_DATA(out), ak_numel(x) / D, D,
+                      eps, tune.threads);
+  else
+    ak_rms_norm_f32(AK_DATA(x), AK_DATA(gamma), AK_DATA(out), ak_numel(x) / D, D, eps, tune.threads);
   return 0;
 }
 
-/* rms_norm(x[..., D], gamma[D], eps, out) over the last axis: x / sqrt(mean(x^2) + eps) * gamma. */
+static int ak_layer_norm(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
+  (void)self; (void)result;
+  ak_call c = {"accelkit.cpu.layer_norm", args, n};
+  return ak_norm(&c, 1);
+}
+
 static int ak_rms_norm(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
   (void)self; (void)result;
   ak_call c = {"accelkit.cpu.rms_norm", args, n};
-  AK_TRY(ak_nargs(&c, 4, "x, gamma, eps, out"));
-  DLTensor *x, *gamma, *out;
-  AK_NEED(x = ak_f32(&c, 0, "x", 1, 8));
-  AK_NEED(gamma = ak_f32(&c, 1, "gamma", 1, 1));
-  AK_NEED(out = ak_f32(&c, n - 1, "out", 1, 8));
-  float eps;
-  AK_TRY(ak_float(&c, 2, "eps", &eps));
-  ak_tuning tune;
-  AK_TRY(ak_config(&c, 4, &tune));
-  AK_TRY(ak_same_shape(&c, out, x, "out", "x"));
-  const int64_t D = x->shape[x->ndim - 1];
-  if (ak_numel(gamma) != D)
-    return ak_fail(&c, "ValueError", "gamma must have D=%lld elements, got %lld", (long long)D,
-                   (long long)ak_numel(gamma));
-  if (D == 0) return 0;
-  ak_rms_norm_f32(AK_DATA(x), AK_DATA(gamma), AK_DATA(out), ak_numel(x) / D, D, eps, tune.threads);
-  return 0;
+  return ak_norm(&c, 0);
 }
 
 /* softmax(x[..., D], out) over the last axis. */
